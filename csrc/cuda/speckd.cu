@@ -1,0 +1,117 @@
+// Launcher of the fused SpecKD row kernel: picks the cluster size and the shared-memory
+// slice, and dispatches on dtype and divergence. No torch headers here.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "specx/speckd_kernel.cuh"
+
+namespace specx {
+namespace {
+
+using speckd_cuda::kThreads;
+
+// A slice this small lets two or three blocks share an SM, so one block's loads overlap
+// another's arithmetic.
+constexpr int64_t kPreferredSliceBytes = 72 * 1024;
+constexpr int64_t kMaxSliceBytes = 200 * 1024;
+constexpr int kMaxCluster = 8;  // the portable cluster size
+
+template <typename T, Divergence kDiv>
+cudaError_t launch_typed(const SpecKDParams& prm, cudaStream_t stream) {
+  const int64_t elem_pair = 2 * static_cast<int64_t>(sizeof(T));
+  constexpr int64_t kAlign = 16 / sizeof(T);
+  int sms = 0, device = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+
+  auto slice_for = [&](int c) { return ((prm.vocab + c - 1) / c + kAlign - 1) / kAlign * kAlign; };
+  int cluster = 1;
+  while (cluster < kMaxCluster && slice_for(cluster) * elem_pair > kPreferredSliceBytes) cluster *= 2;
+  // Few rows: spread each row over more SMs.
+  while (cluster < kMaxCluster && prm.rows * cluster < 2 * sms && slice_for(cluster) > 4 * kThreads) cluster *= 2;
+  const int64_t slice = slice_for(cluster);
+  const bool cached = slice * elem_pair <= kMaxSliceBytes;
+  const size_t smem = cached ? static_cast<size_t>(slice * elem_pair) : 0;
+
+  auto kernel = speckd_cuda::speckd_rows_kernel<T, kDiv>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(prm.rows * cluster));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, prm, static_cast<int>(slice), cached);
+}
+
+template <typename T>
+cudaError_t launch_divergence(const SpecKDParams& prm, cudaStream_t stream) {
+  switch (prm.divergence) {
+    case Divergence::kFKL: return launch_typed<T, Divergence::kFKL>(prm, stream);
+    case Divergence::kRKL: return launch_typed<T, Divergence::kRKL>(prm, stream);
+    case Divergence::kJSD: return launch_typed<T, Divergence::kJSD>(prm, stream);
+    case Divergence::kSKL: return launch_typed<T, Divergence::kSKL>(prm, stream);
+    case Divergence::kSRKL: return launch_typed<T, Divergence::kSRKL>(prm, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+__global__ void scale_rows_kernel(T* grad, int64_t rows, int64_t vocab, const float* scale, bool per_row) {
+  if (!per_row && *scale == 1.0f) return;  // the common backward: d(loss) = 1
+  const int64_t n = rows * vocab;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const float f = scale[per_row ? i / vocab : 0];
+    grad[i] = speckd_cuda::from_float<T>(speckd_cuda::to_float(grad[i]) * f);
+  }
+}
+
+template <typename T>
+cudaError_t launch_scale(void* grad, int64_t rows, int64_t vocab, const float* scale, bool per_row,
+                         cudaStream_t stream) {
+  int sms = 0, device = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t blocks = std::min<int64_t>((rows * vocab + 255) / 256, int64_t{sms} * 8);
+  scale_rows_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(static_cast<T*>(grad), rows, vocab, scale,
+                                                                         per_row);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int scale_rows_cuda(void* grad, DType dtype, int64_t rows, int64_t vocab, const float* scale, bool per_row,
+                    void* stream) {
+  if (rows * vocab == 0) return cudaSuccess;
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32: return launch_scale<float>(grad, rows, vocab, scale, per_row, s);
+    case DType::kFloat16: return launch_scale<__half>(grad, rows, vocab, scale, per_row, s);
+    case DType::kBFloat16: return launch_scale<__nv_bfloat16>(grad, rows, vocab, scale, per_row, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int speckd_rows_cuda(const SpecKDParams& prm, void* stream) {
+  if (prm.rows == 0) return cudaSuccess;
+  const auto s = static_cast<cudaStream_t>(stream);
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (prm.dtype) {
+    case DType::kFloat32: err = launch_divergence<float>(prm, s); break;
+    case DType::kFloat16: err = launch_divergence<__half>(prm, s); break;
+    case DType::kBFloat16: err = launch_divergence<__nv_bfloat16>(prm, s); break;
+  }
+  if (err == cudaSuccess) err = cudaGetLastError();
+  return static_cast<int>(err);
+}
+
+}  // namespace specx

@@ -1,0 +1,17 @@
+// Macros shared by the torch-free kernel headers (compiled by both g++ and nvcc).
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SPECX_HD __host__ __device__ __forceinline__
+#else
+#define SPECX_HD inline
+#endif
+
+namespace specx {
+
+// Divergences and gates of SpecKD, in the order the Python layer numbers them.
+enum class Divergence : int { kFKL = 0, kRKL = 1, kJSD = 2, kSKL = 3, kSRKL = 4 };
+enum class Gate : int { kNone = 0, kTopK = 1, kSpec = 2 };
+
+}  // namespace specx

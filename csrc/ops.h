@@ -1,0 +1,24 @@
+// Declarations of the specx ops' C++ implementations (registered in registration.cpp).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace specx {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> speckd_rows(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    int64_t ignore_index, const std::string& divergence, const std::string& gate, int64_t k, double reject_weight,
+    double temperature, double mix, int64_t seed, int64_t row_offset, const std::optional<at::Tensor>& grad_scale,
+    bool compute_grad);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> speckd_loss(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    int64_t ignore_index, const std::string& divergence, const std::string& gate, int64_t k, double reject_weight,
+    double temperature, double mix, const std::string& reduction, int64_t seed, bool compute_grad);
+
+void scale_grad_(at::Tensor& grad, const at::Tensor& scale);
+
+}  // namespace specx

@@ -1,0 +1,48 @@
+// Every specx op schema, in one place, and the CPU / CUDA implementations behind them.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+// `import specx._C` loads this library, which runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "specx compiled ops", -1, nullptr};
+  PyObject* m = PyModule_Create(&module);
+#ifdef SPECX_WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  return m;
+}
+
+TORCH_LIBRARY(specx, m) {
+  // Per-row SpecKD: divergence D and gate a of each row, and (if compute_grad) the gradient
+  // grad_scale * w * dD/d(student_logits). Kernel level; speckd_loss builds on it.
+  m.def(
+      "speckd_rows(Tensor student_logits, Tensor teacher_logits, Tensor? labels, int ignore_index, "
+      "str divergence, str gate, int k, float reject_weight, float temperature, float mix, int seed, "
+      "int row_offset, Tensor? grad_scale, bool compute_grad) -> (Tensor row_divergence, Tensor row_accepted, "
+      "Tensor grad)");
+  // The reduced SpecKD loss, with the per-row statistics and the gradient the backward uses.
+  m.def(
+      "speckd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, int ignore_index, "
+      "str divergence, str gate, int k, float reject_weight, float temperature, float mix, str reduction, "
+      "int seed, bool compute_grad) -> (Tensor loss, Tensor row_divergence, Tensor row_accepted, Tensor grad)");
+  // grad *= scale, per row or as a whole; skips the pass when a single scale equals 1.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(specx, CPU, m) {
+  m.impl("speckd_rows", &specx::speckd_rows);
+  m.impl("speckd_loss", &specx::speckd_loss);
+  m.impl("scale_grad_", &specx::scale_grad_);
+}
+
+#ifdef SPECX_WITH_CUDA
+TORCH_LIBRARY_IMPL(specx, CUDA, m) {
+  m.impl("speckd_rows", &specx::speckd_rows);
+  m.impl("speckd_loss", &specx::speckd_loss);
+  m.impl("scale_grad_", &specx::scale_grad_);
+}
+#endif

@@ -1,0 +1,332 @@
+// SpecKD ops: argument checks, the CPU row kernel, and the hand-off to the CUDA launcher.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "ops.h"
+#include "specx/speckd.h"
+#include "specx/speckd_gate.h"
+
+#ifdef SPECX_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace specx {
+namespace {
+
+constexpr int64_t kMaxVocab = int64_t{1} << 22;  // keeps the spec gate's fixed-point sums in 64 bits
+
+Divergence parse_divergence(const std::string& name) {
+  if (name == "fkl") return Divergence::kFKL;
+  if (name == "rkl") return Divergence::kRKL;
+  if (name == "jsd") return Divergence::kJSD;
+  if (name == "skl") return Divergence::kSKL;
+  if (name == "srkl") return Divergence::kSRKL;
+  TORCH_CHECK_VALUE(false, "speckd: divergence must be one of fkl, rkl, jsd, skl, srkl; got '", name, "'");
+}
+
+Gate parse_gate(const std::string& name) {
+  if (name == "none") return Gate::kNone;
+  if (name == "topk") return Gate::kTopK;
+  if (name == "spec") return Gate::kSpec;
+  TORCH_CHECK_VALUE(false, "speckd: gate must be one of none, topk, spec; got '", name, "'");
+}
+
+DType parse_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_VALUE(false, "speckd: student_logits must be float32, float16 or bfloat16; got ", t);
+  }
+}
+
+// Rows with labels == ignore_index are skipped.
+struct RowKernelArgs {
+  SpecKDParams prm;
+  at::Tensor student, teacher, labels, row_divergence, row_accepted, grad, grad_scale;
+};
+
+RowKernelArgs prepare(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                      const std::optional<at::Tensor>& labels, int64_t ignore_index, const std::string& divergence,
+                      const std::string& gate, int64_t k, double reject_weight, double temperature, double mix,
+                      int64_t seed, int64_t row_offset, const std::optional<at::Tensor>& grad_scale,
+                      bool compute_grad) {
+  TORCH_CHECK_VALUE(student_logits.dim() >= 1, "speckd: student_logits needs a vocabulary dimension");
+  TORCH_CHECK_VALUE(student_logits.sizes() == teacher_logits.sizes(),
+                    "speckd: student_logits and teacher_logits must have the same shape; got ",
+                    student_logits.sizes(), " and ", teacher_logits.sizes());
+  TORCH_CHECK_VALUE(student_logits.scalar_type() == teacher_logits.scalar_type(),
+                    "speckd: student_logits and teacher_logits must have the same dtype; got ",
+                    student_logits.scalar_type(), " and ", teacher_logits.scalar_type());
+  TORCH_CHECK_VALUE(student_logits.device() == teacher_logits.device(),
+                    "speckd: student_logits and teacher_logits must be on the same device; got ",
+                    student_logits.device(), " and ", teacher_logits.device());
+  const int64_t vocab = student_logits.size(-1);
+  TORCH_CHECK_VALUE(vocab >= 1 && vocab <= kMaxVocab, "speckd: the vocabulary size must be in [1, ", kMaxVocab,
+                    "]; got ", vocab);
+  TORCH_CHECK_VALUE(k >= 1, "speckd: k must be >= 1; got ", k);
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "speckd: temperature must be > 0; got ",
+                    temperature);
+  TORCH_CHECK_VALUE(reject_weight >= 0 && reject_weight <= 1, "speckd: reject_weight must be in [0, 1]; got ",
+                    reject_weight);
+  TORCH_CHECK_VALUE(mix >= 0 && mix <= 1, "speckd: jsd_beta / skew must be in [0, 1]; got ", mix);
+  TORCH_CHECK_VALUE(row_offset >= 0, "speckd: row_offset must be >= 0; got ", row_offset);
+
+  RowKernelArgs a;
+  a.student = student_logits.reshape({-1, vocab}).contiguous();
+  a.teacher = teacher_logits.reshape({-1, vocab}).contiguous();
+  const int64_t rows = a.student.size(0);
+  if (labels.has_value()) {
+    const at::Tensor& l = *labels;
+    TORCH_CHECK_VALUE(l.scalar_type() == at::kLong, "speckd: labels must be int64; got ", l.scalar_type());
+    TORCH_CHECK_VALUE(l.numel() == rows && l.sizes() == student_logits.sizes().slice(0, student_logits.dim() - 1),
+                      "speckd: labels must have the leading shape of the logits ",
+                      student_logits.sizes().slice(0, student_logits.dim() - 1), "; got ", l.sizes());
+    TORCH_CHECK_VALUE(l.device() == student_logits.device(), "speckd: labels must be on ", student_logits.device(),
+                      "; got ", l.device());
+    a.labels = l.reshape({rows}).contiguous();
+  }
+  const auto fopts = student_logits.options().dtype(at::kFloat);
+  a.row_divergence = at::empty({rows}, fopts);
+  a.row_accepted = at::empty({rows}, fopts.dtype(at::kBool));
+  a.grad = compute_grad ? at::empty({rows, vocab}, student_logits.options()) : at::empty({0}, student_logits.options());
+  if (compute_grad && grad_scale.has_value()) {
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1 && grad_scale->device() == student_logits.device(),
+                      "speckd: grad_scale must be a one-element tensor on ", student_logits.device());
+    a.grad_scale = grad_scale->to(at::kFloat).contiguous();
+  }
+
+  Divergence div = parse_divergence(divergence);
+  // The generalised JSD's end points are the plain KLs (as in TRL and Liger).
+  if (div == Divergence::kJSD && mix == 0.0) div = Divergence::kFKL;
+  if (div == Divergence::kJSD && mix == 1.0) div = Divergence::kRKL;
+
+  SpecKDParams& p = a.prm;
+  p.student = a.student.data_ptr();
+  p.teacher = a.teacher.data_ptr();
+  p.labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
+  p.ignore_index = ignore_index;
+  p.grad = compute_grad ? a.grad.data_ptr() : nullptr;
+  p.grad_scale = a.grad_scale.defined() ? a.grad_scale.data_ptr<float>() : nullptr;
+  p.row_divergence = a.row_divergence.data_ptr<float>();
+  p.row_accepted = a.row_accepted.data_ptr<bool>();
+  p.rows = rows;
+  p.vocab = vocab;
+  p.row_offset = row_offset;
+  p.dtype = parse_dtype(student_logits.scalar_type());
+  p.divergence = div;
+  p.gate = parse_gate(gate);
+  p.k = static_cast<int>(std::min<int64_t>(k, std::numeric_limits<int>::max()));
+  p.reject_weight = static_cast<float>(reject_weight);
+  p.inv_temperature = static_cast<float>(1.0 / temperature);
+  p.mix = static_cast<float>(mix);
+  p.seed = static_cast<uint64_t>(seed);
+  return a;
+}
+
+// ---- CPU: the same math in double precision, the same gate bit for bit ----
+
+template <typename T>
+void speckd_row_cpu(const SpecKDParams& p, int64_t row) {
+  const T* s_row = static_cast<const T*>(p.student) + row * p.vocab;
+  const T* t_row = static_cast<const T*>(p.teacher) + row * p.vocab;
+  T* g_row = p.grad ? static_cast<T*>(p.grad) + row * p.vocab : nullptr;
+  const int64_t V = p.vocab;
+  if (p.labels != nullptr && p.labels[row] == p.ignore_index) {
+    if (g_row) std::fill(g_row, g_row + V, T(0.0f));
+    p.row_divergence[row] = 0.0f;
+    p.row_accepted[row] = false;
+    return;
+  }
+  std::vector<float> s(V), t(V);
+  for (int64_t j = 0; j < V; ++j) {
+    s[j] = static_cast<float>(s_row[j]);
+    t[j] = static_cast<float>(t_row[j]);
+  }
+  int64_t y = 0;
+  float max_t = t[0];
+  for (int64_t j = 1; j < V; ++j) {
+    if (s[j] > s[y]) y = j;
+    max_t = std::max(max_t, t[j]);
+  }
+  const float max_s = s[y];
+  const double inv_t = p.inv_temperature;
+  std::vector<double> lq(V), lp(V);
+  double sum_s = 0, sum_t = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    lq[j] = (double(s[j]) - max_s) * inv_t;
+    lp[j] = (double(t[j]) - max_t) * inv_t;
+    sum_s += std::exp(lq[j]);
+    sum_t += std::exp(lp[j]);
+  }
+  const double lse_s = std::log(sum_s), lse_t = std::log(sum_t);
+  for (int64_t j = 0; j < V; ++j) {
+    lq[j] -= lse_s;
+    lp[j] -= lse_t;
+  }
+
+  double d = 0, g_sum = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    const double q = std::exp(lq[j]), pp = std::exp(lp[j]);
+    switch (p.divergence) {
+      case Divergence::kFKL: d += pp * (lp[j] - lq[j]); break;
+      case Divergence::kRKL: d += q * (lq[j] - lp[j]); break;
+      default: {
+        const auto term = mixture_terms<double>(p.divergence, p.mix, lp[j], lq[j], pp, q);
+        d += term.d;
+        g_sum += q * term.g;
+      }
+    }
+  }
+  if (p.divergence == Divergence::kRKL) g_sum = d;
+
+  bool accepted = true;
+  if (p.gate == Gate::kTopK) {
+    int64_t above = 0;
+    for (int64_t j = 0; j < V; ++j) above += t[j] > t[y];
+    accepted = above < p.k;
+  } else if (p.gate == Gate::kSpec) {
+    const float inv_tf = p.inv_temperature;
+    std::vector<uint64_t> cum_q(V);
+    uint64_t zq = 0, zp = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      zq += det_weight(s[j], max_s, inv_tf);
+      zp += det_weight(t[j], max_t, inv_tf);
+      cum_q[j] = zq;
+    }
+    accepted = false;
+    for (int i = 0; i < p.k && !accepted; ++i) {
+      const ProposalDraw draw = proposal_draw(p.seed, static_cast<uint64_t>(p.row_offset + row), i);
+      const uint64_t target = proposal_target(draw.pick, zq);
+      const int64_t x = std::upper_bound(cum_q.begin(), cum_q.end(), target) - cum_q.begin();
+      accepted = proposal_accepted(draw.coin, det_value(t[x], max_t, inv_tf), zp, det_value(s[x], max_s, inv_tf), zq);
+    }
+  }
+  p.row_divergence[row] = static_cast<float>(d);
+  p.row_accepted[row] = accepted;
+
+  if (g_row) {
+    const double weight = accepted ? 1.0 : p.reject_weight;
+    const double coef = (p.grad_scale ? *p.grad_scale : 1.0) * weight * inv_t;
+    for (int64_t j = 0; j < V; ++j) {
+      const double q = std::exp(lq[j]), pp = std::exp(lp[j]);
+      double ds;
+      switch (p.divergence) {
+        case Divergence::kFKL: ds = q - pp; break;
+        case Divergence::kRKL: ds = q * (lq[j] - lp[j] - g_sum); break;
+        default: ds = q * (mixture_terms<double>(p.divergence, p.mix, lp[j], lq[j], pp, q).g - g_sum);
+      }
+      g_row[j] = static_cast<T>(static_cast<float>(coef * ds));
+    }
+  }
+}
+
+template <typename T>
+void speckd_rows_cpu(const SpecKDParams& p) {
+  at::parallel_for(0, p.rows, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) speckd_row_cpu<T>(p, r);
+  });
+}
+
+void launch(const RowKernelArgs& a) {
+  const SpecKDParams& p = a.prm;
+  if (a.student.is_cuda()) {
+#ifdef SPECX_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(a.student.device());
+    const int err = speckd_rows_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == 0, "speckd: CUDA kernel failed with error code ", err);
+#else
+    TORCH_CHECK(false, "speckd: specx was built without CUDA kernels");
+#endif
+    return;
+  }
+  TORCH_CHECK_VALUE(a.student.is_cpu(), "speckd: unsupported device ", a.student.device());
+  if (p.rows == 0) return;
+  switch (p.dtype) {
+    case DType::kFloat32: speckd_rows_cpu<float>(p); break;
+    case DType::kFloat16: speckd_rows_cpu<c10::Half>(p); break;
+    case DType::kBFloat16: speckd_rows_cpu<c10::BFloat16>(p); break;
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> speckd_rows(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    int64_t ignore_index, const std::string& divergence, const std::string& gate, int64_t k, double reject_weight,
+    double temperature, double mix, int64_t seed, int64_t row_offset, const std::optional<at::Tensor>& grad_scale,
+    bool compute_grad) {
+  RowKernelArgs a = prepare(student_logits, teacher_logits, labels, ignore_index, divergence, gate, k, reject_weight,
+                            temperature, mix, seed, row_offset, grad_scale, compute_grad);
+  launch(a);
+  return {a.row_divergence, a.row_accepted, compute_grad ? a.grad.view(student_logits.sizes()) : a.grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> speckd_loss(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    int64_t ignore_index, const std::string& divergence, const std::string& gate, int64_t k, double reject_weight,
+    double temperature, double mix, const std::string& reduction, int64_t seed, bool compute_grad) {
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "accepted" || reduction == "none",
+                    "speckd: reduction must be one of mean, sum, accepted, none; got '", reduction, "'");
+  const int64_t rows = student_logits.dim() >= 1 ? student_logits.numel() / std::max<int64_t>(1, student_logits.size(-1)) : 0;
+  const auto fopts = student_logits.options().dtype(at::kFloat);
+  at::Tensor valid;
+  at::Tensor n_valid;
+  if (labels.has_value()) {
+    valid = labels->reshape({-1}).ne(ignore_index);
+    n_valid = valid.sum().to(at::kFloat);
+  } else {
+    n_valid = at::full({}, static_cast<double>(rows), fopts);
+  }
+  // "mean" knows its scale before the kernel runs, so the gradient comes out final.
+  std::optional<at::Tensor> grad_scale;
+  if (reduction == "mean") grad_scale = n_valid.clamp_min(1.0).reciprocal();
+  auto [row_div, row_acc, grad] = speckd_rows(student_logits, teacher_logits, labels, ignore_index, divergence, gate,
+                                              k, reject_weight, temperature, mix, seed, 0, grad_scale, compute_grad);
+  at::Tensor weight = row_acc.to(at::kFloat).mul(1.0 - reject_weight).add(reject_weight);
+  if (valid.defined()) weight = weight.mul(valid);
+  const at::Tensor row_loss = weight.mul(row_div);
+  at::Tensor loss;
+  if (reduction == "none") {
+    loss = row_loss.view(student_logits.sizes().slice(0, student_logits.dim() - 1));
+  } else if (reduction == "sum") {
+    loss = row_loss.sum();
+  } else if (reduction == "mean") {
+    loss = row_loss.sum().div(n_valid.clamp_min(1.0));
+  } else {
+    const at::Tensor total_weight = weight.sum();
+    loss = at::where(total_weight.gt(0), row_loss.sum().div(total_weight.clamp_min(1e-30)), at::zeros({}, fopts));
+  }
+  return {loss, row_div, row_acc, grad};
+}
+
+void scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(grad.dim() >= 1 && grad.is_contiguous(), "scale_grad_: grad must be a contiguous tensor");
+  const int64_t vocab = grad.size(-1), rows = vocab ? grad.numel() / vocab : 0;
+  TORCH_CHECK_VALUE(scale.numel() == 1 || scale.numel() == rows, "scale_grad_: scale must have 1 or ", rows,
+                    " elements; got ", scale.numel());
+  TORCH_CHECK_VALUE(scale.device() == grad.device(), "scale_grad_: scale must be on ", grad.device());
+  if (grad.numel() == 0) return;
+  const at::Tensor s = scale.to(at::kFloat).contiguous();
+  if (grad.is_cuda()) {
+#ifdef SPECX_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(grad.device());
+    const int err = scale_rows_cuda(grad.data_ptr(), parse_dtype(grad.scalar_type()), rows, vocab,
+                                    s.data_ptr<float>(), s.numel() != 1, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == 0, "scale_grad_: CUDA kernel failed with error code ", err);
+    return;
+#endif
+  }
+  grad.view({rows, vocab}).mul_(s.view({-1, 1}));
+}
+
+}  // namespace specx

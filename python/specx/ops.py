@@ -1,0 +1,102 @@
+"""Python face of ``torch.ops.specx.*``: fake (meta) kernels so ``torch.compile`` traces the
+ops without graph breaks, and the autograd formulas of the differentiable ones.
+
+The schemas themselves live in ``csrc/registration.cpp``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["speckd_rows", "speckd_loss"]
+
+speckd_rows = torch.ops.specx.speckd_rows
+speckd_loss = torch.ops.specx.speckd_loss
+
+
+def _leading_shape(logits: Tensor) -> tuple:
+    return tuple(logits.shape[:-1])
+
+
+@torch.library.register_fake("specx::speckd_rows")
+def _speckd_rows_fake(student_logits, teacher_logits, labels, ignore_index, divergence, gate, k,
+                      reject_weight, temperature, mix, seed, row_offset, grad_scale, compute_grad):
+    rows = math.prod(_leading_shape(student_logits))
+    row_divergence = student_logits.new_empty((rows,), dtype=torch.float32)
+    row_accepted = student_logits.new_empty((rows,), dtype=torch.bool)
+    grad = student_logits.new_empty(student_logits.shape if compute_grad else (0,))
+    return row_divergence, row_accepted, grad
+
+
+@torch.library.register_fake("specx::speckd_loss")
+def _speckd_loss_fake(student_logits, teacher_logits, labels, ignore_index, divergence, gate, k,
+                      reject_weight, temperature, mix, reduction, seed, compute_grad):
+    row_divergence, row_accepted, grad = _speckd_rows_fake(
+        student_logits, teacher_logits, labels, ignore_index, divergence, gate, k, reject_weight,
+        temperature, mix, seed, 0, None, compute_grad)
+    loss_shape = _leading_shape(student_logits) if reduction == "none" else ()
+    loss = student_logits.new_empty(loss_shape, dtype=torch.float32)
+    return loss, row_divergence, row_accepted, grad
+
+
+@torch.library.register_fake("specx::scale_grad_")
+def _scale_grad_fake(grad, scale):
+    return None
+
+
+def _speckd_loss_setup_context(ctx, inputs, output):
+    (student, teacher, labels, ignore_index, divergence, gate, k, reject_weight, temperature, mix,
+     reduction, seed, compute_grad) = inputs
+    _, row_divergence, row_accepted, grad = output
+    ctx.mark_non_differentiable(row_divergence, row_accepted, grad)
+    ctx.save_for_backward(student, teacher, labels, row_accepted, grad)
+    ctx.row_args = (ignore_index, divergence, gate, k, reject_weight, temperature, mix, seed)
+    ctx.reduction = reduction
+    # The stored gradient is scaled in place by the first backward; a second backward over
+    # the same graph (retain_graph=True) recomputes it instead.
+    ctx.stored_grad_fresh = compute_grad
+
+
+def _valid_rows(labels: Tensor | None, ignore_index: int, rows: int, device) -> Tensor:
+    if labels is None:
+        return torch.ones(rows, dtype=torch.float32, device=device)
+    return labels.reshape(-1).ne(ignore_index).float()
+
+
+def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accepted, _grad_grad):
+    student, teacher, labels, row_accepted, grad = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 13
+    ignore_index, divergence, gate, k, reject_weight, temperature, mix, seed = ctx.row_args
+    reduction = ctx.reduction
+    rows = row_accepted.numel()
+    valid = _valid_rows(labels, ignore_index, rows, student.device)
+    if not ctx.stored_grad_fresh:
+        kernel_scale = None
+        if reduction == "mean":
+            kernel_scale = valid.sum().clamp_min(1.0).reciprocal()
+        _, _, grad = speckd_rows(student, teacher, labels, ignore_index, divergence, gate, k, reject_weight,
+                                 temperature, mix, seed, 0, kernel_scale, True)
+    ctx.stored_grad_fresh = False
+
+    # The kernel already divided by the row count for "mean"; what is left is d(loss).
+    if reduction == "none":
+        scale = grad_loss.reshape(-1)
+    elif reduction == "accepted":
+        weight = valid * (reject_weight + (1.0 - reject_weight) * row_accepted.float())
+        total = weight.sum()
+        scale = torch.where(total > 0, grad_loss / total.clamp_min(1e-30), torch.zeros_like(grad_loss))
+    else:
+        scale = grad_loss.reshape(())
+    # In place, so the common d(loss) == 1 case costs no pass; the version counter stays, as
+    # the saved tensor is only read again through the recompute path above.
+    with torch.autograd._unsafe_preserve_version_counter(grad):
+        torch.ops.specx.scale_grad_(grad, scale.float())
+    return (grad,) + (None,) * 12
+
+
+torch.library.register_autograd("specx::speckd_loss", _speckd_loss_backward,
+                                setup_context=_speckd_loss_setup_context)

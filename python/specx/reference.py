@@ -1,0 +1,180 @@
+"""Plain-PyTorch versions of every specx op: readable, unfused, the ground truth of the tests.
+
+Computed in float64 unless the op's contract fixes a narrower arithmetic (the ``spec`` gate's
+deterministic sampling, which is defined in float32 / integer steps so that every device
+agrees bit for bit).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------
+# SpecKD
+# ---------------------------------------------------------------------------------------------
+
+_M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+_SPEC_TAG = 0x53504B44  # "SPKD"
+_FIXED_BITS = 40
+_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+              2.402264791363012e-1, 6.931472028550421e-1, 1.0)
+
+
+def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Philox4x32-10 (Salmon et al. 2011) on Python ints."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = _M0 * c0, _M1 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0, p1 & _MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & _MASK32)
+        k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform53(hi: int, lo: int) -> float:
+    return ((hi << 32 | lo) >> 11) * 2.0 ** -53
+
+
+def proposal_draw(seed: int, row: int, i: int) -> tuple[float, float]:
+    """(pick, coin) uniforms of proposal ``i`` of global row ``row``."""
+    seed &= (1 << 64) - 1
+    r = philox4x32_10((row & _MASK32, row >> 32, i, _SPEC_TAG), (seed & _MASK32, seed >> 32))
+    return _uniform53(r[0], r[1]), _uniform53(r[2], r[3])
+
+
+def _det_exp(x: Tensor) -> tuple[Tensor, Tensor]:
+    """exp(x) = mant * 2**exp2 for float32 x <= 0, using only separately rounded float32 ops."""
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    y = x * f32(1.44269504088896341)
+    keep = y >= -100.0
+    y = torch.where(keep, y, torch.zeros_like(y))
+    n = torch.round(y)
+    f = y - n
+    mant = f32(_EXP2_POLY[0]).expand_as(f)
+    for c in _EXP2_POLY[1:]:
+        mant = mant * f + f32(c)
+    return torch.where(keep, mant, torch.zeros_like(mant)), n.to(torch.int64)
+
+
+def _det_scaled(v: Tensor, vmax: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    return _det_exp((v - vmax) * inv_t)
+
+
+def det_weight(v: Tensor, vmax: Tensor, inv_t: Tensor) -> Tensor:
+    """Fixed-point (2**-40) unnormalised probabilities, int64."""
+    mant, exp2 = _det_scaled(v, vmax, inv_t)
+    shift = exp2 + _FIXED_BITS
+    w = torch.floor(mant.double() * torch.exp2(shift.clamp_min(0).double())).to(torch.int64)
+    return torch.where(shift >= 0, w, torch.zeros_like(w))
+
+
+def det_value(v: Tensor, vmax: Tensor, inv_t: Tensor) -> Tensor:
+    mant, exp2 = _det_scaled(v, vmax, inv_t)
+    return mant.double() * torch.exp2(exp2.double())
+
+
+def spec_gate(student_logits: Tensor, teacher_logits: Tensor, *, k: int, temperature: float, seed: int,
+              row_offset: int = 0) -> Tensor:
+    """The ``spec`` gate of each row of ``[rows, V]`` logits: ``k`` proposals ``x ~ q`` (inverse
+    CDF over fixed-point masses), each accepted iff ``coin < p(x) / q(x)``; the row passes if any
+    proposal does."""
+    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32)
+    s_all = student_logits.detach().float().cpu()
+    t_all = teacher_logits.detach().float().cpu()
+    gates = []
+    for row in range(s_all.shape[0]):
+        s, t = s_all[row], t_all[row]
+        s_max, t_max = s.max(), t.max()
+        cum_q = torch.cumsum(det_weight(s, s_max, inv_t), 0)
+        zq, zp = int(cum_q[-1]), int(det_weight(t, t_max, inv_t).sum())
+        accepted = False
+        for i in range(k):
+            pick, coin = proposal_draw(seed, row_offset + row, i)
+            target = min(int(pick * float(zq)), zq - 1)
+            x = int(torch.searchsorted(cum_q, torch.tensor(target), right=True))
+            p_val = float(det_value(t[x:x + 1], t_max, inv_t)[0])
+            q_val = float(det_value(s[x:x + 1], s_max, inv_t)[0])
+            if coin < (p_val * float(zq)) / (q_val * float(zp)):
+                accepted = True
+                break
+        gates.append(accepted)
+    return torch.tensor(gates, dtype=torch.bool, device=student_logits.device)
+
+
+def topk_gate(student_logits: Tensor, teacher_logits: Tensor, *, k: int) -> Tensor:
+    """Accepted iff fewer than ``k`` teacher logits are strictly above the teacher's logit at the
+    student's argmax (lowest index on ties)."""
+    y = student_logits.double().argmax(-1, keepdim=True)
+    t = teacher_logits.double()
+    return (t > t.gather(-1, y)).sum(-1) < k
+
+
+def divergence_rows(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str, temperature: float,
+                    jsd_beta: float = 0.5, skew: float = 0.1) -> Tensor:
+    """Per-row divergence D between p = softmax(teacher / T) and q = softmax(student / T)."""
+    lq = torch.log_softmax(student_logits / temperature, -1)
+    lp = torch.log_softmax(teacher_logits / temperature, -1)
+    p, q = lp.exp(), lq.exp()
+
+    def kl(pa, la, lb):  # KL(a || b), 0 * log 0 = 0
+        return torch.where(pa > 0, pa * (la - lb), torch.zeros_like(pa)).sum(-1)
+
+    def log_mix(wp, wq):  # log(wp * p + wq * q), stable in log space
+        lwp = torch.log(torch.tensor(wp, dtype=lp.dtype)) if wp > 0 else torch.tensor(float("-inf"), dtype=lp.dtype)
+        lwq = torch.log(torch.tensor(wq, dtype=lp.dtype)) if wq > 0 else torch.tensor(float("-inf"), dtype=lp.dtype)
+        return torch.logaddexp(lp + lwp.to(lp.device), lq + lwq.to(lp.device))
+
+    if divergence == "fkl" or (divergence == "jsd" and jsd_beta == 0.0):
+        return kl(p, lp, lq)
+    if divergence == "rkl" or (divergence == "jsd" and jsd_beta == 1.0):
+        return kl(q, lq, lp)
+    if divergence == "jsd":
+        lm = log_mix(jsd_beta, 1.0 - jsd_beta)
+        return jsd_beta * kl(p, lp, lm) + (1.0 - jsd_beta) * kl(q, lq, lm)
+    if divergence == "skl":
+        return kl(p, lp, log_mix(skew, 1.0 - skew))
+    if divergence == "srkl":
+        return kl(q, lq, log_mix(1.0 - skew, skew))
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def speckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
+                divergence: str = "fkl", gate: str = "topk", k: int = 5, reject_weight: float = 0.0,
+                temperature: float = 1.0, jsd_beta: float = 0.5, skew: float = 0.1, ignore_index: int = -100,
+                reduction: str = "mean", seed: int = 0, row_offset: int = 0):
+    """SpecKD loss in float64; returns ``(loss, row_divergence, row_accepted)``. Differentiable
+    with respect to ``student_logits`` (a float64 leaf in the tests)."""
+    vocab = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    s = student_logits.reshape(-1, vocab).double()
+    t = teacher_logits.reshape(-1, vocab).double().detach()
+    valid = (torch.ones(s.shape[0], dtype=torch.bool, device=s.device) if labels is None
+             else labels.reshape(-1).ne(ignore_index))
+    div = divergence_rows(s, t, divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, skew=skew)
+    if gate == "none":
+        accepted = torch.ones_like(valid)
+    elif gate == "topk":
+        accepted = topk_gate(s, t, k=k)
+    elif gate == "spec":
+        accepted = spec_gate(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), k=k,
+                             temperature=temperature, seed=seed, row_offset=row_offset)
+    else:
+        raise ValueError(f"unknown gate {gate!r}")
+    accepted = accepted & valid
+    div = torch.where(valid, div, torch.zeros_like(div))
+    weight = valid.double() * (reject_weight + (1.0 - reject_weight) * accepted.double())
+    row_loss = weight * div
+    if reduction == "none":
+        loss = row_loss.reshape(lead)
+    elif reduction == "sum":
+        loss = row_loss.sum()
+    elif reduction == "mean":
+        loss = row_loss.sum() / valid.sum().clamp_min(1)
+    elif reduction == "accepted":
+        total = weight.sum()
+        loss = row_loss.sum() / total if total > 0 else row_loss.sum() * 0.0
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}")
+    return loss, div, accepted
