@@ -21,4 +21,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> speckd_loss(
 
 void scale_grad_(at::Tensor& grad, const at::Tensor& scale);
 
+// ---- decoding: draft trees, verification, KV compaction (tree.cpp, verify.cpp) ----
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tree(
+    const at::Tensor& candidate_tokens, const at::Tensor& candidate_log_probs, const at::Tensor& root_tokens,
+    const std::string& mode, int64_t budget);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy(const at::Tensor& node_tokens, const at::Tensor& parents,
+                                                             const std::optional<at::Tensor>& num_nodes,
+                                                             const at::Tensor& target);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample(
+    const at::Tensor& node_tokens, const at::Tensor& parents, const std::optional<at::Tensor>& num_nodes,
+    const at::Tensor& target_logits, const std::optional<at::Tensor>& draft_probs, double temperature, double top_p,
+    int64_t seed, int64_t offset);
+
+void compact_kv(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& lengths, const at::Tensor& accepted_nodes,
+                const at::Tensor& accept_len);
+
 }  // namespace specx

@@ -31,12 +31,33 @@ TORCH_LIBRARY(specx, m) {
       "int seed, bool compute_grad) -> (Tensor loss, Tensor row_divergence, Tensor row_accepted, Tensor grad)");
   // grad *= scale, per row or as a whole; skips the pass when a single scale equals 1.
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+
+  // ---- decoding: draft trees, verification, KV compaction (docs: specx.decode) ----
+  m.def(
+      "build_tree(Tensor candidate_tokens, Tensor candidate_log_probs, Tensor root_tokens, str mode, int budget) -> "
+      "(Tensor tokens, Tensor parents, Tensor depths, Tensor scores, Tensor mask, Tensor paths, Tensor num_nodes)");
+  m.def(
+      "verify_greedy(Tensor node_tokens, Tensor parents, Tensor? num_nodes, Tensor target) -> "
+      "(Tensor accepted_nodes, Tensor accept_len, Tensor next_token)");
+  m.def(
+      "verify_sample(Tensor node_tokens, Tensor parents, Tensor? num_nodes, Tensor target_logits, "
+      "Tensor? draft_probs, float temperature, float top_p, int seed, int offset) -> "
+      "(Tensor accepted_nodes, Tensor accept_len, Tensor next_token)");
+  m.def(
+      "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, Tensor accepted_nodes, "
+      "Tensor accept_len) -> ()");
+  // ---- end decoding: trees / verification ----
 }
 
 TORCH_LIBRARY_IMPL(specx, CPU, m) {
   m.impl("speckd_rows", &specx::speckd_rows);
   m.impl("speckd_loss", &specx::speckd_loss);
   m.impl("scale_grad_", &specx::scale_grad_);
+  // decoding: trees / verification
+  m.impl("build_tree", &specx::build_tree);
+  m.impl("verify_greedy", &specx::verify_greedy);
+  m.impl("verify_sample", &specx::verify_sample);
+  m.impl("compact_kv", &specx::compact_kv);
 }
 
 #ifdef SPECX_WITH_CUDA
@@ -44,5 +65,10 @@ TORCH_LIBRARY_IMPL(specx, CUDA, m) {
   m.impl("speckd_rows", &specx::speckd_rows);
   m.impl("speckd_loss", &specx::speckd_loss);
   m.impl("scale_grad_", &specx::scale_grad_);
+  // decoding: trees / verification
+  m.impl("build_tree", &specx::build_tree);
+  m.impl("verify_greedy", &specx::verify_greedy);
+  m.impl("verify_sample", &specx::verify_sample);
+  m.impl("compact_kv", &specx::compact_kv);
 }
 #endif

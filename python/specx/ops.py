@@ -100,3 +100,38 @@ def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accept
 
 torch.library.register_autograd("specx::speckd_loss", _speckd_loss_backward,
                                 setup_context=_speckd_loss_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: draft trees, verification, KV compaction
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.register_fake("specx::build_tree")
+def _build_tree_fake(candidate_tokens, candidate_log_probs, root_tokens, mode, budget):
+    batch, depth, k = candidate_tokens.shape[0], candidate_tokens.shape[1], candidate_tokens.shape[-1]
+    size = 1 + depth * k if mode == "backbone" else budget
+    new = candidate_tokens.new_empty
+    return (new((batch, size)), new((batch, size)), new((batch, size)),
+            new((batch, size), dtype=torch.float32), new((batch, size, (size + 31) // 32), dtype=torch.int32),
+            new((batch, size, depth + 1)), new((batch,)))
+
+
+def _verify_fake(node_tokens):
+    batch, size = node_tokens.shape
+    return node_tokens.new_empty((batch, size)), node_tokens.new_empty((batch,)), node_tokens.new_empty((batch,))
+
+
+@torch.library.register_fake("specx::verify_greedy")
+def _verify_greedy_fake(node_tokens, parents, num_nodes, target):
+    return _verify_fake(node_tokens)
+
+
+@torch.library.register_fake("specx::verify_sample")
+def _verify_sample_fake(node_tokens, parents, num_nodes, target_logits, draft_probs, temperature, top_p, seed,
+                        offset):
+    return _verify_fake(node_tokens)
+
+
+@torch.library.register_fake("specx::compact_kv")
+def _compact_kv_fake(k_cache, v_cache, lengths, accepted_nodes, accept_len):
+    return None

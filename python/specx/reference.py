@@ -178,3 +178,289 @@ def speckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor |
     else:
         raise ValueError(f"unknown reduction {reduction!r}")
     return loss, div, accepted
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: draft trees, verification, KV compaction
+# ---------------------------------------------------------------------------------------------
+
+_TREE_VERIFY_TAG = 0x54525653  # "TRVS": the sampling verifier's Philox streams
+_FINAL_TRIAL = 0xFFFF  # trial number of the draw that samples the emitted (residual or bonus) token
+
+
+def _candidate_valid(token: int, log_prob: float) -> bool:
+    return token >= 0 and log_prob == log_prob and log_prob > float("-inf")
+
+
+def _candidate(tokens: Tensor, log_probs: Tensor, b: int, d: int, parent_slot: int, c: int):
+    """(token, log-prob) of candidate ``c`` at depth ``d`` for a parent in candidate slot
+    ``parent_slot``: 3-d inputs share one list per depth, 4-d inputs give one list per parent slot
+    (depth 0, whose parent is the root, reads slot 0)."""
+    if tokens.dim() == 3:
+        return int(tokens[b, d, c]), float(log_probs[b, d, c])
+    slot = 0 if d == 0 else parent_slot
+    return int(tokens[b, d, slot, c]), float(log_probs[b, d, slot, c])
+
+
+def _f32_add(a: float, b: float) -> float:
+    return float(torch.tensor(a, dtype=torch.float32) + torch.tensor(b, dtype=torch.float32))
+
+
+def _to_int32_bits(words: Tensor) -> Tensor:
+    return ((words + 2 ** 31) % 2 ** 32 - 2 ** 31).to(torch.int32)
+
+
+def tree_layout(parents: list[int], num_words: int, max_path: int):
+    """Depths, bit-packed ancestor mask rows (as Python ints) and root-to-leaf paths of a tree
+    given by ``parents`` (``parents[0] = -1``, ``parents[i] < i``)."""
+    n = len(parents)
+    depths = [0] * n
+    rows = [0] * n
+    has_child = [False] * n
+    for i in range(n):
+        if i > 0:
+            depths[i] = depths[parents[i]] + 1
+            rows[i] = rows[parents[i]]
+            has_child[parents[i]] = True
+        rows[i] |= 1 << i
+    paths = []
+    for i in range(n):
+        if not has_child[i]:
+            path, j = [], i
+            while j >= 0:
+                path.append(j)
+                j = parents[j]
+            paths.append(path[::-1] + [-1] * (max_path - len(path)))
+    return depths, rows, paths
+
+
+def build_tree(tokens: Tensor, log_probs: Tensor, root_tokens: Tensor, *, mode: str = "backbone",
+               budget: int | None = None) -> dict:
+    """Reference of :func:`specx.decode.build_tree` (same outputs, same order)."""
+    batch, depth, k = tokens.shape[0], tokens.shape[1], tokens.shape[-1]
+    tokens = tokens.cpu()
+    log_probs = log_probs.float().cpu()
+    size = 1 + depth * k if mode == "backbone" else budget
+    words = (size + 31) // 32
+    out = {
+        "tokens": torch.full((batch, size), -1, dtype=torch.int64),
+        "parents": torch.full((batch, size), -1, dtype=torch.int64),
+        "depths": torch.zeros((batch, size), dtype=torch.int64),
+        "scores": torch.full((batch, size), float("-inf"), dtype=torch.float32),
+        "mask": torch.zeros((batch, size, words), dtype=torch.int32),
+        "paths": torch.full((batch, size, depth + 1), -1, dtype=torch.int64),
+        "num_nodes": torch.zeros(batch, dtype=torch.int64),
+    }
+    for b in range(batch):
+        # nodes: (token, parent, score) in output order
+        nodes = [(int(root_tokens[b]), -1, 0.0)]
+        if mode == "backbone":
+            spine = 0
+            for d in range(depth):
+                next_spine = None
+                for c in range(k):
+                    t, lp = _candidate(tokens, log_probs, b, d, 0, c)
+                    if _candidate_valid(t, lp):
+                        if c == 0:
+                            next_spine = len(nodes)
+                        nodes.append((t, spine, _f32_add(nodes[spine][2], min(lp, 0.0))))
+                if next_spine is None:
+                    break
+                spine = next_spine
+        else:
+            keep = size - 1
+            prev = [(0.0, 0, 0)]  # (score, index in the previous depth's list, candidate slot)
+            levels = []
+            for d in range(depth):
+                cands = []
+                for pi, (ps, _, pslot) in enumerate(prev):
+                    for c in range(k):
+                        t, lp = _candidate(tokens, log_probs, b, d, pslot, c)
+                        if _candidate_valid(t, lp):
+                            cands.append((_f32_add(ps, min(lp, 0.0)), pi, c, t))
+                cands.sort(key=lambda e: (-e[0], e[1], e[2]))
+                cands = cands[:keep]
+                levels.append(cands)
+                prev = [(s, pi, c) for s, pi, c, _ in cands]
+                if not prev:
+                    break
+            ranked = sorted(((s, d, r) for d, lvl in enumerate(levels) for r, (s, _, _, _) in enumerate(lvl)),
+                            key=lambda e: (-e[0], e[1], e[2]))[:keep]
+            chosen = sorted((d, r) for _, d, r in ranked)
+            index = {dr: i + 1 for i, dr in enumerate(chosen)}
+            for d, r in chosen:
+                s, pi, _, t = levels[d][r]
+                parent = 0 if d == 0 else index[(d - 1, pi)]
+                nodes.append((t, parent, s))
+        n = len(nodes)
+        parents = [p for _, p, _ in nodes]
+        depths, rows, paths = tree_layout(parents, words, depth + 1)
+        out["num_nodes"][b] = n
+        for i, (t, p, s) in enumerate(nodes):
+            out["tokens"][b, i] = t
+            out["parents"][b, i] = p
+            out["depths"][b, i] = depths[i]
+            out["scores"][b, i] = s
+            out["mask"][b, i] = _to_int32_bits(torch.tensor([(rows[i] >> (32 * w)) & 0xFFFFFFFF
+                                                             for w in range(words)], dtype=torch.int64))
+        for li, path in enumerate(paths):
+            out["paths"][b, li] = torch.tensor(path)
+    return out
+
+
+def _accepted_outputs(paths: list[list[int]], next_tokens: list[int], size: int):
+    accepted = torch.full((len(paths), size), -1, dtype=torch.int64)
+    for b, path in enumerate(paths):
+        accepted[b, :len(path)] = torch.tensor(path, dtype=torch.int64)
+    return (accepted, torch.tensor([len(p) - 1 for p in paths], dtype=torch.int64),
+            torch.tensor(next_tokens, dtype=torch.int64))
+
+
+def verify_greedy(node_tokens: Tensor, parents: Tensor, num_nodes: Tensor, target: Tensor):
+    """Longest root-to-leaf path whose every node's token is the target's argmax at its parent
+    (ties: the lowest node index), its length, and the argmax after its last node."""
+    argmax = target.double().argmax(-1) if target.is_floating_point() else target
+    argmax, node_tokens, parents = argmax.cpu(), node_tokens.cpu(), parents.cpu()
+    paths, nexts = [], []
+    for b in range(node_tokens.shape[0]):
+        n = int(num_nodes[b])
+        ok, depth = [True] + [False] * (n - 1), [0] * n
+        best = 0
+        for i in range(1, n):
+            p = int(parents[b, i])
+            ok[i] = ok[p] and int(node_tokens[b, i]) == int(argmax[b, p])
+            depth[i] = depth[p] + 1
+            if ok[i] and depth[i] > depth[best]:
+                best = i
+        path, j = [], best
+        while j >= 0:
+            path.append(j)
+            j = int(parents[b, j]) if j > 0 else -1
+        paths.append(path[::-1])
+        nexts.append(int(argmax[b, best]))
+    return _accepted_outputs(paths, nexts, node_tokens.shape[1])
+
+
+def tree_verify_draw(seed: int, seq: int, offset: int, depth: int, trial: int) -> tuple[float, float]:
+    """(coin, pick) uniforms of the sampling verifier for one trial at one depth of one sequence."""
+    seed &= (1 << 64) - 1
+    r = philox4x32_10((seq & _MASK32, offset & _MASK32, ((depth << 16) | trial) & _MASK32, _TREE_VERIFY_TAG),
+                      (seed & _MASK32, seed >> 32))
+    return _uniform53(r[0], r[1]), _uniform53(r[2], r[3])
+
+
+def _target_weights(logits: Tensor, inv_t: Tensor, top_p: float) -> list[int]:
+    """Fixed-point target weights of one node's row after temperature and top-p: the kept set is
+    every token whose weight is >= the largest threshold whose kept mass reaches top_p of the total."""
+    l = logits.float()
+    w = det_weight(l, l.max(), inv_t)
+    if top_p < 1.0:
+        total = int(w.sum())
+        need = int(top_p * float(total))
+        sorted_w = torch.sort(w, descending=True).values
+        cum = torch.cumsum(sorted_w, 0)
+        first = int(torch.searchsorted(cum, torch.tensor(need), right=False))
+        tau = int(sorted_w[min(first, len(sorted_w) - 1)])
+        w = torch.where(w >= tau, w, torch.zeros_like(w))
+    return [int(x) for x in w]
+
+
+def _sample_weights(weights: list[int], pick: float) -> int:
+    total = sum(weights)
+    target = min(int(pick * float(total)), total - 1)
+    acc = 0
+    for v, w in enumerate(weights):
+        acc += w
+        if acc > target:
+            return v
+    return len(weights) - 1
+
+
+_FIXED52 = 2.0 ** 52
+
+
+def verify_sample(node_tokens: Tensor, parents: Tensor, num_nodes: Tensor, target_logits: Tensor,
+                  draft_probs: Tensor | None = None, *, temperature: float = 1.0, top_p: float = 1.0,
+                  seed: int = 0, offset: int = 0):
+    """Multi-candidate rejection sampling over the tree, the exact arithmetic of the kernels.
+
+    Target p at a node: fixed-point ``det_weight`` of the logits at ``temperature`` (top-p
+    filtered). Deterministic drafts (``draft_probs is None``): child x is accepted iff
+    ``coin < P(x) / S`` with S the mass left, and on rejection x's mass is removed. With draft
+    probabilities q (row of the parent node): the residual after j rejections is
+    ``max(p - c_j q, 0)`` in 2**-52 fixed point, ``c_{j+1} = c_j + S_j``; accept iff
+    ``coin < R_j(x) / (S_j q(x))``. All rejected: sample from the residual; a leaf accepted:
+    sample the bonus token from p at the leaf.
+    """
+    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32)
+    logits = target_logits.detach().float().cpu()
+    q_all = draft_probs.detach().float().cpu() if draft_probs is not None else None
+    vocab = logits.shape[-1]
+    paths, nexts = [], []
+    for b in range(node_tokens.shape[0]):
+        n = int(num_nodes[b])
+        children = [[] for _ in range(n)]
+        for i in range(1, n):
+            children[int(parents[b, i])].append(i)
+        cur, depth, path = 0, 0, [0]
+        while True:
+            w = _target_weights(logits[b, cur], inv_t, top_p)
+            if not children[cur]:
+                nexts.append(_sample_weights(w, tree_verify_draw(seed, b, offset, depth, _FINAL_TRIAL)[1]))
+                break
+            accepted = None
+            if q_all is None:
+                left, removed = sum(w), set()
+                for j, c in enumerate(children[cur]):
+                    x = int(node_tokens[b, c])
+                    px = w[x] if 0 <= x < vocab and x not in removed else 0
+                    coin = tree_verify_draw(seed, b, offset, depth, j)[0]
+                    if left > 0 and coin < float(px) / float(left):
+                        accepted = c
+                        break
+                    if px > 0:
+                        removed.add(x)
+                        left -= px
+                residual = [0 if v in removed else wv for v, wv in enumerate(w)]
+            else:
+                q = [float(v) for v in q_all[b, cur].double()]
+                total = float(sum(w))
+                p = [float(wv) / total for wv in w]
+                coef = 0.0
+                for j, c in enumerate(children[cur]):
+                    r = [int(max(pv - coef * qv, 0.0) * _FIXED52) for pv, qv in zip(p, q)]
+                    s = sum(r)
+                    x = int(node_tokens[b, c])
+                    coin = tree_verify_draw(seed, b, offset, depth, j)[0]
+                    if 0 <= x < vocab:
+                        rx, qx = float(r[x]), q[x]
+                        ratio = (rx / (float(s) * qx) if qx > 0 else (float("inf") if rx > 0 else 0.0)) \
+                            if s > 0 else 0.0
+                        if coin < ratio:
+                            accepted = c
+                            break
+                    coef = coef + float(s) / _FIXED52
+                residual = [int(max(pv - coef * qv, 0.0) * _FIXED52) for pv, qv in zip(p, q)]
+            if accepted is None:
+                if sum(residual) == 0:
+                    residual = w
+                nexts.append(_sample_weights(residual, tree_verify_draw(seed, b, offset, depth, _FINAL_TRIAL)[1]))
+                break
+            cur, depth = accepted, depth + 1
+            path.append(cur)
+        paths.append(path)
+    return _accepted_outputs(paths, nexts, node_tokens.shape[1])
+
+
+def compact_kv(k_cache: Tensor, v_cache: Tensor, lengths: Tensor, accepted_nodes: Tensor,
+               accept_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Copies of the caches with the accepted path's entries (root included) moved to
+    ``lengths + 0 .. lengths + accept_len``, and the new lengths ``lengths + accept_len + 1``."""
+    k_out, v_out, new_len = k_cache.clone(), v_cache.clone(), lengths.clone()
+    for b in range(k_cache.shape[0]):
+        base, n = int(lengths[b]), int(accept_len[b]) + 1
+        src = base + accepted_nodes[b, :n].to(k_cache.device)
+        k_out[b, base:base + n] = k_cache[b, src]
+        v_out[b, base:base + n] = v_cache[b, src]
+        new_len[b] = base + n
+    return k_out, v_out, new_len
