@@ -13,6 +13,7 @@
 
 #include "ops.h"
 #include "specx/speckd_gate.h"
+#include "specx/tree.h"
 #include "specx/verify.h"
 
 #ifdef SPECX_WITH_CUDA
@@ -22,6 +23,8 @@
 
 namespace specx {
 namespace {
+
+constexpr int64_t kMaxSampleVocab = int64_t{1} << 22;
 
 DType logits_dtype(at::ScalarType t, const char* op) {
   switch (t) {
@@ -47,6 +50,10 @@ TreeArgs check_tree(const char* op, const at::Tensor& node_tokens, const at::Ten
   a.size = node_tokens.size(1);
   TORCH_CHECK_VALUE(a.size >= 1, op, ": node_tokens needs at least the root node (tree_size >= 1)");
   TORCH_CHECK_VALUE(a.size <= (int64_t{1} << 20), op, ": tree_size must be <= 2^20; got ", a.size);
+#ifdef SPECX_WITH_CUDA
+  TORCH_CHECK_VALUE(!node_tokens.is_cuda() || a.size <= kMaxTreeSizeCuda, op, ": tree_size must be <= ",
+                    kMaxTreeSizeCuda, " on CUDA; got ", a.size);
+#endif
   TORCH_CHECK_VALUE(parents.sizes() == node_tokens.sizes() && parents.scalar_type() == at::kLong, op,
                     ": parents must be int64 with the shape of node_tokens ", node_tokens.sizes(), "; got ",
                     parents.scalar_type(), " ", parents.sizes());
@@ -344,6 +351,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample(
   TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, "verify_sample: top_p must be in (0, 1]; got ", top_p);
   TORCH_CHECK_VALUE(offset >= 0 && offset <= 0xFFFFFFFFll, "verify_sample: offset must be in [0, 2^32); got ",
                     offset);
+  TORCH_CHECK_VALUE(target_logits.size(2) <= kMaxSampleVocab, "verify_sample: the vocabulary size must be <= ",
+                    kMaxSampleVocab, " (fixed-point sums stay in 64 bits); got ", target_logits.size(2));
   VerifyParams p{};
   const at::Tensor logits = target_logits.contiguous();
   p.logits = logits.data_ptr();

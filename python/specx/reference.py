@@ -356,7 +356,7 @@ def _target_weights(logits: Tensor, inv_t: Tensor, top_p: float) -> list[int]:
     w = det_weight(l, l.max(), inv_t)
     if top_p < 1.0:
         total = int(w.sum())
-        need = int(top_p * float(total))
+        need = max(int(top_p * float(total)), 1)
         sorted_w = torch.sort(w, descending=True).values
         cum = torch.cumsum(sorted_w, 0)
         first = int(torch.searchsorted(cum, torch.tensor(need), right=False))

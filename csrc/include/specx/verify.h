@@ -93,7 +93,8 @@ SPECX_HD uint64_t sample_target(double pick, uint64_t total) {
 
 // top-p's required kept mass.
 SPECX_HD uint64_t top_p_need(double top_p, uint64_t total) {
-  return static_cast<uint64_t>(exact_dmul(top_p, static_cast<double>(total)));
+  const uint64_t need = static_cast<uint64_t>(exact_dmul(top_p, static_cast<double>(total)));
+  return need > 0 ? need : 1;  // the top token is always kept
 }
 
 #if defined(SPECX_WITH_CUDA) || defined(__CUDACC__)
