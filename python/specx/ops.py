@@ -91,8 +91,12 @@ def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accept
         scale = torch.where(total > 0, grad_loss / total.clamp_min(1e-30), torch.zeros_like(grad_loss))
     else:
         scale = grad_loss.reshape(())
-    # In place, so the common d(loss) == 1 case costs no pass; the version counter stays, as
-    # the saved tensor is only read again through the recompute path above.
+    if type(grad) is not torch.Tensor:
+        # Traced (torch.compile / AOTAutograd): stay functional and let the compiler fuse it.
+        factor = scale.reshape(*grad.shape[:-1], 1) if reduction == "none" else scale
+        return (grad * factor.to(grad.dtype),) + (None,) * 12
+    # Eager: in place, so the common d(loss) == 1 case costs no pass. The version counter is
+    # kept because the saved tensor is only read again through the recompute path above.
     with torch.autograd._unsafe_preserve_version_counter(grad):
         torch.ops.specx.scale_grad_(grad, scale.float())
     return (grad,) + (None,) * 12
