@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_save:
             out_dir = args.out / common.device_slug(device)
             path = common.write_results(out_dir, name, header, records)
-            common.plot_records(out_dir / f"{name}.png", f"{bench.title} ({header['device']})", records,
-                                bench.label_keys)
-            print(f"wrote {path} and {path.with_suffix('.png')}")
+            print(f"wrote {path}")
+            try:
+                common.plot_records(out_dir / f"{name}.png", f"{bench.title} ({header['device']})", records,
+                                    bench.label_keys)
+                print(f"wrote {path.with_suffix('.png')}")
+            except ImportError:
+                print("matplotlib is missing: no plot (python -m specx.bench.report draws it later)")
     return 0
