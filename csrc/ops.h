@@ -12,7 +12,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> speckd_rows(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
     int64_t ignore_index, const std::string& divergence, const std::string& gate, int64_t k, double reject_weight,
     double temperature, double mix, int64_t seed, int64_t row_offset, const std::optional<at::Tensor>& grad_scale,
-    bool compute_grad);
+    bool compute_grad, std::optional<at::ScalarType> grad_dtype);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> speckd_loss(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,

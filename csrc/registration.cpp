@@ -18,12 +18,13 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(specx, m) {
   // Per-row SpecKD: divergence D and gate a of each row, and (if compute_grad) the gradient
-  // grad_scale * w * dD/d(student_logits). Kernel level; speckd_loss builds on it.
+  // grad_scale * w * dD/d(student_logits), in grad_dtype (default: the logits' dtype). Kernel
+  // level: speckd_loss and the fused-linear loss build on it.
   m.def(
       "speckd_rows(Tensor student_logits, Tensor teacher_logits, Tensor? labels, int ignore_index, "
       "str divergence, str gate, int k, float reject_weight, float temperature, float mix, int seed, "
-      "int row_offset, Tensor? grad_scale, bool compute_grad) -> (Tensor row_divergence, Tensor row_accepted, "
-      "Tensor grad)");
+      "int row_offset, Tensor? grad_scale, bool compute_grad, ScalarType? grad_dtype=None) -> "
+      "(Tensor row_divergence, Tensor row_accepted, Tensor grad)");
   // The reduced SpecKD loss, with the per-row statistics and the gradient the backward uses.
   m.def(
       "speckd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, int ignore_index, "

@@ -23,11 +23,12 @@ def _leading_shape(logits: Tensor) -> tuple:
 
 @torch.library.register_fake("specx::speckd_rows")
 def _speckd_rows_fake(student_logits, teacher_logits, labels, ignore_index, divergence, gate, k,
-                      reject_weight, temperature, mix, seed, row_offset, grad_scale, compute_grad):
+                      reject_weight, temperature, mix, seed, row_offset, grad_scale, compute_grad, grad_dtype=None):
     rows = math.prod(_leading_shape(student_logits))
     row_divergence = student_logits.new_empty((rows,), dtype=torch.float32)
     row_accepted = student_logits.new_empty((rows,), dtype=torch.bool)
-    grad = student_logits.new_empty(student_logits.shape if compute_grad else (0,))
+    grad = student_logits.new_empty(student_logits.shape if compute_grad else (0,),
+                                    dtype=grad_dtype or student_logits.dtype)
     return row_divergence, row_accepted, grad
 
 
