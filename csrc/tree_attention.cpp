@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -31,10 +32,15 @@ DType attention_dtype(at::ScalarType t) {
   }
 }
 
+// The CUDA kernel reads 16-byte chunks of K/V (4-byte pairs of q).
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
 // K/V may be any view whose (heads, head_dim) block is contiguous, e.g. one layer or a batch
-// slice of a larger cache; anything else is copied.
+// slice of a larger cache; anything else (or a view off 16-byte alignment) is copied.
 at::Tensor kv_view(const at::Tensor& t) {
-  return (t.stride(3) == 1 && t.stride(2) == t.size(3)) ? t : t.contiguous();
+  const bool usable = t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+                      aligned16(t);
+  return usable ? t : t.contiguous();
 }
 
 // ---- CPU: one (sequence, node, query head) row at a time, fp32 accumulation ----
@@ -174,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention(const at::Tensor& q, const at:
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "tree_attention: scale must be finite; got ", softmax_scale);
   TORCH_CHECK_VALUE(num_splits >= 0, "tree_attention: num_splits must be >= 0 (0 picks); got ", num_splits);
 
-  const at::Tensor qc = q.contiguous();
+  const at::Tensor qc = aligned16(q) ? q.contiguous() : q.clone(at::MemoryFormat::Contiguous);
   const at::Tensor kc = kv_view(k_cache), vc = kv_view(v_cache);
   const at::Tensor lens = cache_lens.contiguous();
   const at::Tensor mask = tree_mask.has_value() ? tree_mask->contiguous() : at::Tensor();
