@@ -40,7 +40,7 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 at::Tensor kv_view(const at::Tensor& t) {
   const bool usable = t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
                       aligned16(t);
-  return usable ? t : t.contiguous();
+  return usable ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 // ---- CPU: one (sequence, node, query head) row at a time, fp32 accumulation ----
