@@ -21,4 +21,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> speckd_loss(
 
 void scale_grad_(at::Tensor& grad, const at::Tensor& scale);
 
+// ---- tree attention ----
+std::tuple<at::Tensor, at::Tensor> tree_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                                  const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                                  const std::optional<at::Tensor>& tree_mask,
+                                                  std::optional<double> scale, int64_t num_splits);
+
 }  // namespace specx

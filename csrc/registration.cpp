@@ -32,12 +32,21 @@ TORCH_LIBRARY(specx, m) {
       "int seed, bool compute_grad) -> (Tensor loss, Tensor row_divergence, Tensor row_accepted, Tensor grad)");
   // grad *= scale, per row or as a whole; skips the pass when a single scale equals 1.
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+
+  // ---- tree attention ----
+  // Attention of T tree nodes per sequence over a KV cache prefix plus their ancestors (bit-packed
+  // tree_mask [batch, T, ceil(T/32)] int32; None: causal). num_splits 0 picks the KV-length split.
+  m.def(
+      "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, Tensor? tree_mask=None, "
+      "float? scale=None, int num_splits=0) -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(specx, CPU, m) {
   m.impl("speckd_rows", &specx::speckd_rows);
   m.impl("speckd_loss", &specx::speckd_loss);
   m.impl("scale_grad_", &specx::scale_grad_);
+  // ---- tree attention ----
+  m.impl("tree_attention", &specx::tree_attention);
 }
 
 #ifdef SPECX_WITH_CUDA
@@ -45,5 +54,7 @@ TORCH_LIBRARY_IMPL(specx, CUDA, m) {
   m.impl("speckd_rows", &specx::speckd_rows);
   m.impl("speckd_loss", &specx::speckd_loss);
   m.impl("scale_grad_", &specx::scale_grad_);
+  // ---- tree attention ----
+  m.impl("tree_attention", &specx::tree_attention);
 }
 #endif

@@ -105,3 +105,19 @@ def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accept
 
 torch.library.register_autograd("specx::speckd_loss", _speckd_loss_backward,
                                 setup_context=_speckd_loss_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree attention
+# ---------------------------------------------------------------------------------------------
+
+tree_attention = torch.ops.specx.tree_attention
+__all__ += ["tree_attention"]
+
+
+@torch.library.register_fake("specx::tree_attention")
+def _tree_attention_fake(q, k_cache, v_cache, cache_lens, tree_mask=None, scale=None, num_splits=0):
+    batch, tree_size, heads_q, _ = q.shape
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((batch, heads_q, tree_size), dtype=torch.float32)
+    return out, lse
