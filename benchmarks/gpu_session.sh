@@ -22,11 +22,11 @@ echo "build: $((SECONDS - start)) s"
 sanitize_k=${1:-cuda}
 shift || true
 tests=${SPECX_TESTS:-tests}
-python3 -m pytest -q -p no:cacheprovider "$tests" -x 2>&1 | tee "$OUT/pytest.log" | tail -15
-echo "tests: $((SECONDS - start)) s"
+python3 -m pytest -q -p no:cacheprovider $tests 2>&1 | tee "$OUT/pytest.log" | grep -E "passed|failed|Error|FAILED|Fatal" | tail -25
+echo "pytest exit ${PIPESTATUS[0]}; tests: $((SECONDS - start)) s"
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --print-limit 20 --error-exitcode 99 \
-    python3 -m pytest -q -p no:cacheprovider "$tests" -k "$sanitize_k" > "$OUT/sanitizer_$tool.log" 2>&1
+    python3 -m pytest -q -p no:cacheprovider $tests -k "$sanitize_k" > "$OUT/sanitizer_$tool.log" 2>&1
   echo "compute-sanitizer $tool exit $? ($(grep -cE 'ERROR SUMMARY: 0 errors|RACECHECK SUMMARY: 0 hazards' "$OUT/sanitizer_$tool.log") clean summaries)"
   grep -E "SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -3
 done
