@@ -12,7 +12,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> speckd_rows(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
     int64_t ignore_index, const std::string& divergence, const std::string& gate, int64_t k, double reject_weight,
     double temperature, double mix, int64_t seed, int64_t row_offset, const std::optional<at::Tensor>& grad_scale,
-    bool compute_grad);
+    bool compute_grad, std::optional<at::ScalarType> grad_dtype);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> speckd_loss(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
@@ -38,5 +38,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample(
 
 void compact_kv(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& lengths, const at::Tensor& accepted_nodes,
                 const at::Tensor& accept_len);
+// ---- tree attention ----
+std::tuple<at::Tensor, at::Tensor> tree_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                                  const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                                  const std::optional<at::Tensor>& tree_mask,
+                                                  std::optional<double> scale, int64_t num_splits);
 
 }  // namespace specx

@@ -18,12 +18,13 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(specx, m) {
   // Per-row SpecKD: divergence D and gate a of each row, and (if compute_grad) the gradient
-  // grad_scale * w * dD/d(student_logits). Kernel level; speckd_loss builds on it.
+  // grad_scale * w * dD/d(student_logits), in grad_dtype (default: the logits' dtype). Kernel
+  // level: speckd_loss and the fused-linear loss build on it.
   m.def(
       "speckd_rows(Tensor student_logits, Tensor teacher_logits, Tensor? labels, int ignore_index, "
       "str divergence, str gate, int k, float reject_weight, float temperature, float mix, int seed, "
-      "int row_offset, Tensor? grad_scale, bool compute_grad) -> (Tensor row_divergence, Tensor row_accepted, "
-      "Tensor grad)");
+      "int row_offset, Tensor? grad_scale, bool compute_grad, ScalarType? grad_dtype=None) -> "
+      "(Tensor row_divergence, Tensor row_accepted, Tensor grad)");
   // The reduced SpecKD loss, with the per-row statistics and the gradient the backward uses.
   m.def(
       "speckd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, int ignore_index, "
@@ -47,6 +48,12 @@ TORCH_LIBRARY(specx, m) {
       "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, Tensor accepted_nodes, "
       "Tensor accept_len) -> ()");
   // ---- end decoding: trees / verification ----
+  // ---- tree attention ----
+  // Attention of T tree nodes per sequence over a KV cache prefix plus their ancestors (bit-packed
+  // tree_mask [batch, T, ceil(T/32)] int32; None: causal). num_splits 0 picks the KV-length split.
+  m.def(
+      "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, Tensor? tree_mask=None, "
+      "float? scale=None, int num_splits=0) -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(specx, CPU, m) {
@@ -58,6 +65,8 @@ TORCH_LIBRARY_IMPL(specx, CPU, m) {
   m.impl("verify_greedy", &specx::verify_greedy);
   m.impl("verify_sample", &specx::verify_sample);
   m.impl("compact_kv", &specx::compact_kv);
+  // ---- tree attention ----
+  m.impl("tree_attention", &specx::tree_attention);
 }
 
 #ifdef SPECX_WITH_CUDA
@@ -70,5 +79,7 @@ TORCH_LIBRARY_IMPL(specx, CUDA, m) {
   m.impl("verify_greedy", &specx::verify_greedy);
   m.impl("verify_sample", &specx::verify_sample);
   m.impl("compact_kv", &specx::compact_kv);
+  // ---- tree attention ----
+  m.impl("tree_attention", &specx::tree_attention);
 }
 #endif

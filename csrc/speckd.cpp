@@ -59,7 +59,7 @@ RowKernelArgs prepare(const at::Tensor& student_logits, const at::Tensor& teache
                       const std::optional<at::Tensor>& labels, int64_t ignore_index, const std::string& divergence,
                       const std::string& gate, int64_t k, double reject_weight, double temperature, double mix,
                       int64_t seed, int64_t row_offset, const std::optional<at::Tensor>& grad_scale,
-                      bool compute_grad) {
+                      bool compute_grad, std::optional<at::ScalarType> grad_dtype) {
   TORCH_CHECK_VALUE(student_logits.dim() >= 1, "speckd: student_logits needs a vocabulary dimension");
   TORCH_CHECK_VALUE(student_logits.sizes() == teacher_logits.sizes(),
                     "speckd: student_logits and teacher_logits must have the same shape; got ",
@@ -98,7 +98,13 @@ RowKernelArgs prepare(const at::Tensor& student_logits, const at::Tensor& teache
   const auto fopts = student_logits.options().dtype(at::kFloat);
   a.row_divergence = at::empty({rows}, fopts);
   a.row_accepted = at::empty({rows}, fopts.dtype(at::kBool));
-  a.grad = compute_grad ? at::empty({rows, vocab}, student_logits.options()) : at::empty({0}, student_logits.options());
+  const at::ScalarType gdtype = grad_dtype.value_or(student_logits.scalar_type());
+  TORCH_CHECK_VALUE(gdtype == student_logits.scalar_type() ||
+                        (student_logits.scalar_type() == at::kFloat && (gdtype == at::kBFloat16 || gdtype == at::kHalf)),
+                    "speckd: grad_dtype must be the logits' dtype, or bfloat16 / float16 for float32 logits; got ",
+                    gdtype, " for ", student_logits.scalar_type(), " logits");
+  const auto gopts = student_logits.options().dtype(gdtype);
+  a.grad = compute_grad ? at::empty({rows, vocab}, gopts) : at::empty({0}, gopts);
   if (compute_grad && grad_scale.has_value()) {
     TORCH_CHECK_VALUE(grad_scale->numel() == 1 && grad_scale->device() == student_logits.device(),
                       "speckd: grad_scale must be a one-element tensor on ", student_logits.device());
@@ -123,6 +129,7 @@ RowKernelArgs prepare(const at::Tensor& student_logits, const at::Tensor& teache
   p.vocab = vocab;
   p.row_offset = row_offset;
   p.dtype = parse_dtype(student_logits.scalar_type());
+  p.grad_dtype = parse_dtype(gdtype);
   p.divergence = div;
   p.gate = parse_gate(gate);
   p.k = static_cast<int>(std::min<int64_t>(k, std::numeric_limits<int>::max()));
@@ -135,14 +142,14 @@ RowKernelArgs prepare(const at::Tensor& student_logits, const at::Tensor& teache
 
 // ---- CPU: the same math in double precision, the same gate bit for bit ----
 
-template <typename T>
+template <typename T, typename TG>
 void speckd_row_cpu(const SpecKDParams& p, int64_t row) {
   const T* s_row = static_cast<const T*>(p.student) + row * p.vocab;
   const T* t_row = static_cast<const T*>(p.teacher) + row * p.vocab;
-  T* g_row = p.grad ? static_cast<T*>(p.grad) + row * p.vocab : nullptr;
+  TG* g_row = p.grad ? static_cast<TG*>(p.grad) + row * p.vocab : nullptr;
   const int64_t V = p.vocab;
   if (p.labels != nullptr && p.labels[row] == p.ignore_index) {
-    if (g_row) std::fill(g_row, g_row + V, T(0.0f));
+    if (g_row) std::fill(g_row, g_row + V, TG(0.0f));
     p.row_divergence[row] = 0.0f;
     p.row_accepted[row] = false;
     return;
@@ -225,15 +232,15 @@ void speckd_row_cpu(const SpecKDParams& p, int64_t row) {
         case Divergence::kRKL: ds = q * (lq[j] - lp[j] - g_sum); break;
         default: ds = q * (mixture_terms<double>(p.divergence, p.mix, lp[j], lq[j], pp, q).g - g_sum);
       }
-      g_row[j] = static_cast<T>(static_cast<float>(coef * ds));
+      g_row[j] = static_cast<TG>(static_cast<float>(coef * ds));
     }
   }
 }
 
-template <typename T>
+template <typename T, typename TG>
 void speckd_rows_cpu(const SpecKDParams& p) {
   at::parallel_for(0, p.rows, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) speckd_row_cpu<T>(p, r);
+    for (int64_t r = lo; r < hi; ++r) speckd_row_cpu<T, TG>(p, r);
   });
 }
 
@@ -252,9 +259,15 @@ void launch(const RowKernelArgs& a) {
   TORCH_CHECK_VALUE(a.student.is_cpu(), "speckd: unsupported device ", a.student.device());
   if (p.rows == 0) return;
   switch (p.dtype) {
-    case DType::kFloat32: speckd_rows_cpu<float>(p); break;
-    case DType::kFloat16: speckd_rows_cpu<c10::Half>(p); break;
-    case DType::kBFloat16: speckd_rows_cpu<c10::BFloat16>(p); break;
+    case DType::kFloat32:
+      switch (p.grad_dtype) {
+        case DType::kFloat32: speckd_rows_cpu<float, float>(p); break;
+        case DType::kFloat16: speckd_rows_cpu<float, c10::Half>(p); break;
+        case DType::kBFloat16: speckd_rows_cpu<float, c10::BFloat16>(p); break;
+      }
+      break;
+    case DType::kFloat16: speckd_rows_cpu<c10::Half, c10::Half>(p); break;
+    case DType::kBFloat16: speckd_rows_cpu<c10::BFloat16, c10::BFloat16>(p); break;
   }
 }
 
@@ -264,9 +277,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> speckd_rows(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
     int64_t ignore_index, const std::string& divergence, const std::string& gate, int64_t k, double reject_weight,
     double temperature, double mix, int64_t seed, int64_t row_offset, const std::optional<at::Tensor>& grad_scale,
-    bool compute_grad) {
+    bool compute_grad, std::optional<at::ScalarType> grad_dtype) {
   RowKernelArgs a = prepare(student_logits, teacher_logits, labels, ignore_index, divergence, gate, k, reject_weight,
-                            temperature, mix, seed, row_offset, grad_scale, compute_grad);
+                            temperature, mix, seed, row_offset, grad_scale, compute_grad, grad_dtype);
   launch(a);
   return {a.row_divergence, a.row_accepted, compute_grad ? a.grad.view(student_logits.sizes()) : a.grad};
 }
@@ -291,7 +304,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> speckd_loss(
   std::optional<at::Tensor> grad_scale;
   if (reduction == "mean") grad_scale = n_valid.clamp_min(1.0).reciprocal();
   auto [row_div, row_acc, grad] = speckd_rows(student_logits, teacher_logits, labels, ignore_index, divergence, gate,
-                                              k, reject_weight, temperature, mix, seed, 0, grad_scale, compute_grad);
+                                              k, reject_weight, temperature, mix, seed, 0, grad_scale, compute_grad,
+                                              std::nullopt);
   at::Tensor weight = row_acc.to(at::kFloat).mul(1.0 - reject_weight).add(reject_weight);
   if (valid.defined()) weight = weight.mul(valid);
   const at::Tensor row_loss = weight.mul(row_div);

@@ -11,13 +11,14 @@ namespace {
 
 using speckd_cuda::kThreads;
 
-// A slice this small lets two or three blocks share an SM, so one block's loads overlap
-// another's arithmetic.
-constexpr int64_t kPreferredSliceBytes = 72 * 1024;
+// Small slices let four blocks share an SM, so one block's loads overlap the arithmetic and
+// cluster barriers of the others; clusters of 16 (non-portable, fine on H100/H200) keep
+// slices small up to a 256k vocabulary.
+constexpr int64_t kPreferredSliceBytes = 40 * 1024;
 constexpr int64_t kMaxSliceBytes = 200 * 1024;
-constexpr int kMaxCluster = 8;  // the portable cluster size
+constexpr int kMaxCluster = 16;
 
-template <typename T, Divergence kDiv>
+template <typename T, typename TG, Divergence kDiv>
 cudaError_t launch_typed(const SpecKDParams& prm, cudaStream_t stream) {
   const int64_t elem_pair = 2 * static_cast<int64_t>(sizeof(T));
   constexpr int64_t kAlign = 16 / sizeof(T);
@@ -34,8 +35,9 @@ cudaError_t launch_typed(const SpecKDParams& prm, cudaStream_t stream) {
   const bool cached = slice * elem_pair <= kMaxSliceBytes;
   const size_t smem = cached ? static_cast<size_t>(slice * elem_pair) : 0;
 
-  auto kernel = speckd_cuda::speckd_rows_kernel<T, kDiv>;
+  auto kernel = speckd_cuda::speckd_rows_kernel<T, TG, kDiv>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess && cluster > 8) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   if (err != cudaSuccess) return err;
 
   cudaLaunchConfig_t config = {};
@@ -53,14 +55,14 @@ cudaError_t launch_typed(const SpecKDParams& prm, cudaStream_t stream) {
   return cudaLaunchKernelEx(&config, kernel, prm, static_cast<int>(slice), cached);
 }
 
-template <typename T>
+template <typename T, typename TG>
 cudaError_t launch_divergence(const SpecKDParams& prm, cudaStream_t stream) {
   switch (prm.divergence) {
-    case Divergence::kFKL: return launch_typed<T, Divergence::kFKL>(prm, stream);
-    case Divergence::kRKL: return launch_typed<T, Divergence::kRKL>(prm, stream);
-    case Divergence::kJSD: return launch_typed<T, Divergence::kJSD>(prm, stream);
-    case Divergence::kSKL: return launch_typed<T, Divergence::kSKL>(prm, stream);
-    case Divergence::kSRKL: return launch_typed<T, Divergence::kSRKL>(prm, stream);
+    case Divergence::kFKL: return launch_typed<T, TG, Divergence::kFKL>(prm, stream);
+    case Divergence::kRKL: return launch_typed<T, TG, Divergence::kRKL>(prm, stream);
+    case Divergence::kJSD: return launch_typed<T, TG, Divergence::kJSD>(prm, stream);
+    case Divergence::kSKL: return launch_typed<T, TG, Divergence::kSKL>(prm, stream);
+    case Divergence::kSRKL: return launch_typed<T, TG, Divergence::kSRKL>(prm, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -106,9 +108,16 @@ int speckd_rows_cuda(const SpecKDParams& prm, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   cudaError_t err = cudaErrorInvalidValue;
   switch (prm.dtype) {
-    case DType::kFloat32: err = launch_divergence<float>(prm, s); break;
-    case DType::kFloat16: err = launch_divergence<__half>(prm, s); break;
-    case DType::kBFloat16: err = launch_divergence<__nv_bfloat16>(prm, s); break;
+    case DType::kFloat32:
+      // fp32 logits (fused-linear chunks) may hand their gradient straight to a bf16 / fp16 GEMM.
+      switch (prm.grad_dtype) {
+        case DType::kFloat32: err = launch_divergence<float, float>(prm, s); break;
+        case DType::kFloat16: err = launch_divergence<float, __half>(prm, s); break;
+        case DType::kBFloat16: err = launch_divergence<float, __nv_bfloat16>(prm, s); break;
+      }
+      break;
+    case DType::kFloat16: err = launch_divergence<__half, __half>(prm, s); break;
+    case DType::kBFloat16: err = launch_divergence<__nv_bfloat16, __nv_bfloat16>(prm, s); break;
   }
   if (err == cudaSuccess) err = cudaGetLastError();
   return static_cast<int>(err);

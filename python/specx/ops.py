@@ -23,11 +23,12 @@ def _leading_shape(logits: Tensor) -> tuple:
 
 @torch.library.register_fake("specx::speckd_rows")
 def _speckd_rows_fake(student_logits, teacher_logits, labels, ignore_index, divergence, gate, k,
-                      reject_weight, temperature, mix, seed, row_offset, grad_scale, compute_grad):
+                      reject_weight, temperature, mix, seed, row_offset, grad_scale, compute_grad, grad_dtype=None):
     rows = math.prod(_leading_shape(student_logits))
     row_divergence = student_logits.new_empty((rows,), dtype=torch.float32)
     row_accepted = student_logits.new_empty((rows,), dtype=torch.bool)
-    grad = student_logits.new_empty(student_logits.shape if compute_grad else (0,))
+    grad = student_logits.new_empty(student_logits.shape if compute_grad else (0,),
+                                    dtype=grad_dtype or student_logits.dtype)
     return row_divergence, row_accepted, grad
 
 
@@ -91,8 +92,12 @@ def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accept
         scale = torch.where(total > 0, grad_loss / total.clamp_min(1e-30), torch.zeros_like(grad_loss))
     else:
         scale = grad_loss.reshape(())
-    # In place, so the common d(loss) == 1 case costs no pass; the version counter stays, as
-    # the saved tensor is only read again through the recompute path above.
+    if type(grad) is not torch.Tensor:
+        # Traced (torch.compile / AOTAutograd): stay functional and let the compiler fuse it.
+        factor = scale.reshape(*grad.shape[:-1], 1) if reduction == "none" else scale
+        return (grad * factor.to(grad.dtype),) + (None,) * 12
+    # Eager: in place, so the common d(loss) == 1 case costs no pass. The version counter is
+    # kept because the saved tensor is only read again through the recompute path above.
     with torch.autograd._unsafe_preserve_version_counter(grad):
         torch.ops.specx.scale_grad_(grad, scale.float())
     return (grad,) + (None,) * 12
@@ -100,6 +105,22 @@ def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accept
 
 torch.library.register_autograd("specx::speckd_loss", _speckd_loss_backward,
                                 setup_context=_speckd_loss_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree attention
+# ---------------------------------------------------------------------------------------------
+
+tree_attention = torch.ops.specx.tree_attention
+__all__ += ["tree_attention"]
+
+
+@torch.library.register_fake("specx::tree_attention")
+def _tree_attention_fake(q, k_cache, v_cache, cache_lens, tree_mask=None, scale=None, num_splits=0):
+    batch, tree_size, heads_q, _ = q.shape
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((batch, heads_q, tree_size), dtype=torch.float32)
+    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------

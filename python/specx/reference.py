@@ -181,6 +181,59 @@ def speckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor |
 
 
 # ---------------------------------------------------------------------------------------------
+# Tree attention
+# ---------------------------------------------------------------------------------------------
+
+def unpack_tree_mask(tree_mask: Tensor, tree_size: int) -> Tensor:
+    """``[batch, T, ceil(T/32)]`` int32 words -> ``[batch, T, T]`` bool: bit ``j % 32`` of word
+    ``j // 32`` of row ``i`` says whether node ``i`` sees node ``j``."""
+    shifts = torch.arange(32, device=tree_mask.device, dtype=torch.int32)
+    bits = (tree_mask.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :tree_size].bool()
+
+
+def tree_attention_visibility(cache_lens: Tensor, tree_size: int, max_len: int,
+                              tree_mask: Tensor | None = None) -> Tensor:
+    """``[batch, T, max_len]`` bool: node ``i`` of sequence ``b`` sees key position ``k`` iff
+    ``k < len`` (the prefix) or ``k = len + j`` with node ``j`` an ancestor of ``i`` or ``i``
+    itself (``tree_mask``; ``None``: ``j <= i``)."""
+    batch = cache_lens.shape[0]
+    device = cache_lens.device
+    if tree_mask is None:
+        node_sees = torch.ones(tree_size, tree_size, dtype=torch.bool, device=device).tril()
+        node_sees = node_sees.expand(batch, tree_size, tree_size)
+    else:
+        node_sees = unpack_tree_mask(tree_mask, tree_size)
+    visible = torch.zeros(batch, tree_size, max_len, dtype=torch.bool, device=device)
+    for b in range(batch):
+        length = int(cache_lens[b])
+        visible[b, :, :length] = True
+        visible[b, :, length:length + tree_size] = node_sees[b]
+    return visible
+
+
+def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor,
+                   tree_mask: Tensor | None = None, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Tree attention in float64: GQA heads expanded, masked softmax over the whole cache.
+    Returns ``(out [batch, T, heads_q, head_dim], lse [batch, heads_q, T])``; a node that sees
+    no key gets zeros and ``-inf``."""
+    batch, tree_size, heads_q, head_dim = q.shape
+    max_len, heads_kv = k_cache.shape[1], k_cache.shape[2]
+    scale = head_dim ** -0.5 if scale is None else scale
+    group = heads_q // heads_kv
+    qd = q.double().transpose(1, 2)                                     # [B, Hq, T, D]
+    kd = k_cache.double().repeat_interleave(group, dim=2).transpose(1, 2)  # [B, Hq, L, D]
+    vd = v_cache.double().repeat_interleave(group, dim=2).transpose(1, 2)
+    visible = tree_attention_visibility(cache_lens, tree_size, max_len, tree_mask).unsqueeze(1)
+    scores = (qd @ kd.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                               # [B, Hq, T]
+    weights = torch.nan_to_num((scores - lse.unsqueeze(-1)).exp(), nan=0.0)
+    out = (weights @ vd).transpose(1, 2)                                 # [B, T, Hq, D]
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
 # Decoding: draft trees, verification, KV compaction
 # ---------------------------------------------------------------------------------------------
 

@@ -12,14 +12,15 @@ struct SpecKDParams {
   const void* teacher;        // [rows, vocab], contiguous, same dtype as student
   const int64_t* labels;      // [rows] or null: rows with labels == ignore_index are skipped
   int64_t ignore_index;
-  void* grad;                 // [rows, vocab] in the student dtype, or null (no gradient)
+  void* grad;                 // [rows, vocab] in grad_dtype, or null (no gradient)
   const float* grad_scale;    // device scalar multiplying the gradient, or null for 1
   float* row_divergence;      // [rows]: D of each row (0 where ignored)
   bool* row_accepted;         // [rows]: the gate a (false where ignored)
   int64_t rows;
   int64_t vocab;
   int64_t row_offset;         // global index of row 0, keys the spec gate's random numbers
-  DType dtype;
+  DType dtype;                // of both logits
+  DType grad_dtype;           // dtype, or bf16 / fp16 for fp32 logits
   Divergence divergence;
   Gate gate;
   int k;

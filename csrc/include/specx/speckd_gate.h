@@ -3,6 +3,7 @@
 // proposals and the accept decisions are bit-identical on any device or launch shape.
 #pragma once
 #include <cmath>
+#include <cstring>
 #include "specx/philox.h"
 
 namespace specx {
@@ -49,9 +50,15 @@ constexpr int kFixedBits = 40;
 
 SPECX_HD uint64_t det_weight(float v, float vmax, float inv_temp) {
   const DetExp e = det_exp(exact_mul(exact_add(v, -vmax), inv_temp));
-  const int shift = e.exp2 + kFixedBits;
-  if (shift < 0) return 0;
-  return static_cast<uint64_t>(ldexp(static_cast<double>(e.mant), shift));
+  if (!(e.mant > 0.0f)) return 0;
+  // floor(mant * 2^(exp2 + 40)) with integer shifts: mant is a normal float, so it is
+  // significand * 2^(biased exponent - 150) exactly.
+  uint32_t bits;
+  memcpy(&bits, &e.mant, sizeof(bits));
+  const uint64_t significand = (bits & 0x7FFFFFu) | 0x800000u;
+  const int shift = static_cast<int>(bits >> 23) - 150 + e.exp2 + kFixedBits;
+  if (shift <= -64) return 0;
+  return shift >= 0 ? significand << shift : significand >> -shift;
 }
 
 // The same value as a double, unquantised (exact: a float mantissa scaled by a power of 2).

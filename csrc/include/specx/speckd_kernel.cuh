@@ -110,25 +110,29 @@ __device__ __forceinline__ void for_each_pair(const T* s, const T* t, int len, b
   for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) f(i, to_float(s[i]), to_float(t[i]));
 }
 
-// Writes grad[i] = f(i, s_i, t_i) over a slice, 16 bytes at a time where aligned.
-template <typename T, typename F>
-__device__ __forceinline__ void write_grad(T* out, const T* s, const T* t, int len, bool vec, F&& f) {
+// Writes grad[i] = f(s_i, t_i) over a slice (in the gradient's own dtype TG), one 16-byte
+// input pack at a time where aligned.
+template <typename T, typename TG, typename F>
+__device__ __forceinline__ void write_grad(TG* out, const T* s, const T* t, int len, bool vec, F&& f) {
   constexpr int kN = Pack<T>::kN;
+  struct alignas(kN * sizeof(TG)) OutPack {
+    TG v[kN];
+  };
   int scalar_from = 0;
   if (vec) {
     const int nvec = len / kN;
     for (int v = threadIdx.x; v < nvec; v += kThreads) {
       const Pack<T> a = reinterpret_cast<const Pack<T>*>(s)[v];
       const Pack<T> b = reinterpret_cast<const Pack<T>*>(t)[v];
-      Pack<T> o;
+      OutPack o;
 #pragma unroll
-      for (int e = 0; e < kN; ++e) o.v[e] = from_float<T>(f(to_float(a.v[e]), to_float(b.v[e])));
-      __stcs(reinterpret_cast<uint4*>(out) + v, *reinterpret_cast<const uint4*>(&o));
+      for (int e = 0; e < kN; ++e) o.v[e] = from_float<TG>(f(to_float(a.v[e]), to_float(b.v[e])));
+      reinterpret_cast<OutPack*>(out)[v] = o;
     }
     scalar_from = nvec * kN;
   }
   for (int i = scalar_from + threadIdx.x; i < len; i += kThreads)
-    out[i] = from_float<T>(f(to_float(s[i]), to_float(t[i])));
+    out[i] = from_float<TG>(f(to_float(s[i]), to_float(t[i])));
 }
 
 // Reduces `v` over the block, then over the cluster in rank order (so every block of the
@@ -149,8 +153,9 @@ __device__ __forceinline__ P cluster_allreduce(P v, P* slot, P* result, P* warp_
   return *result;
 }
 
-template <typename T, Divergence kDiv>
-__global__ void __launch_bounds__(kThreads, 2)
+// T: the logits' dtype; TG: the gradient's (T, or bf16 / fp16 for fp32 logits).
+template <typename T, typename TG, Divergence kDiv>
+__global__ void __launch_bounds__(kThreads, 3)
     speckd_rows_kernel(const SpecKDParams prm, const int slice_len, const bool cached) {
   cg::cluster_group cluster = cg::this_cluster();
   const int nblocks = static_cast<int>(cluster.num_blocks());
@@ -161,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int len = V - begin <= 0 ? 0 : static_cast<int>(V - begin < slice_len ? V - begin : slice_len);
   const T* gs = static_cast<const T*>(prm.student) + row * V + begin;
   const T* gt = static_cast<const T*>(prm.teacher) + row * V + begin;
-  T* grad = prm.grad ? static_cast<T*>(prm.grad) + row * V + begin : nullptr;
+  TG* grad = prm.grad ? static_cast<TG*>(prm.grad) + row * V + begin : nullptr;
   const bool global_vec = reinterpret_cast<uintptr_t>(gs) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(gt) % 16 == 0 &&
                           (grad == nullptr || reinterpret_cast<uintptr_t>(grad) % 16 == 0);

@@ -1,10 +1,16 @@
-"""Decoding API: draft trees, tree attention, verification and KV compaction kernels."""
+"""Decoding API: draft trees, tree attention over a KV cache, verification, KV compaction."""
 
-# -- draft trees, verification, KV compaction --
-from specx.decode.tree import Tree, build_tree, compact_kv
-from specx.decode.verify import Verification, verify_greedy, verify_sample
-# -- end draft trees, verification, KV compaction --
+__all__: list[str] = []
 
-__all__ = [
-    "Tree", "build_tree", "compact_kv", "Verification", "verify_greedy", "verify_sample",
-]
+# ---- tree attention ----
+from specx.decode.attention import tree_attention  # noqa: E402
+
+__all__ += ["tree_attention"]
+# ---- end tree attention ----
+
+# ---- draft trees, verification, KV compaction ----
+from specx.decode.tree import Tree, build_tree, compact_kv  # noqa: E402
+from specx.decode.verify import Verification, verify_greedy, verify_sample  # noqa: E402
+
+__all__ += ["Tree", "build_tree", "compact_kv", "Verification", "verify_greedy", "verify_sample"]
+# ---- end draft trees, verification, KV compaction ----

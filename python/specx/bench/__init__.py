@@ -1,0 +1,1 @@
+"""``specx-bench``: microbenchmarks of specx ops against their peers (see ``specx-bench --help``)."""

@@ -1,0 +1,3 @@
+from specx.bench.cli import main
+
+raise SystemExit(main())
