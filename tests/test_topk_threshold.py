@@ -3,12 +3,10 @@
 import pytest
 import torch
 
-import specx  # noqa: F401  (registers the ops)
 from specx import reference
+from conftest import DEVICES, requires_cuda
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def make_logits(rows, cols, dtype, device, *, ties, seed=0):
@@ -45,7 +43,7 @@ def test_matches_reference(device, dtype, ties, shape):
         check(x, k)
 
 
-@cuda_only
+@requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("cols", [2, 31, 4097, 32000, 128256, 151936, 500000])
@@ -60,7 +58,7 @@ def test_cuda_large_vocab(dtype, ties, cols):
             assert torch.equal(threshold.cpu(), cpu_threshold) and torch.equal(count.cpu(), cpu_count)
 
 
-@cuda_only
+@requires_cuda
 def test_cuda_many_rows_matches_topk():
     x = torch.randn(257, 50000, device="cuda", dtype=torch.bfloat16)
     threshold, count = torch.ops.specx.topk_threshold(x, 2500)

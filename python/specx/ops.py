@@ -152,6 +152,14 @@ def _deepkd_sgd_step_fake(params, grads_task, grads_tckd, grads_nckd, task_buffe
     return None
 
 
+def _is_traced(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return (torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
+            or torch._is_functional_tensor(t))
+
+
 def _deepkd_losses_setup_context(ctx, inputs, output):
     student, teacher, target, k, temperature, ignore_index, compute_grad = inputs
     grads = output[3:]
@@ -175,9 +183,14 @@ def _deepkd_losses_backward(ctx, grad_ce, grad_tckd, grad_nckd, _grad_ce, _grad_
         if not ctx.stored_grad_fresh[i]:
             grad = deepkd_losses(student, teacher, target, *ctx.loss_args, True)[3 + i]
         ctx.stored_grad_fresh[i] = False
-        # In place, so the usual d(loss) == 1 costs no pass (the CUDA kernel returns at once).
-        with torch.autograd._unsafe_preserve_version_counter(grad):
-            torch.ops.specx.scale_grad_(grad, scale.float())
+        if _is_traced(grad):
+            # Under torch.compile / AOT tracing, in-place scaling of several op outputs trips the
+            # partitioner; the compiler can fuse this product into the consumer instead.
+            grad = grad * scale
+        else:
+            # In place, so the usual d(loss) == 1 costs no pass (the CUDA kernel returns at once).
+            with torch.autograd._unsafe_preserve_version_counter(grad):
+                torch.ops.specx.scale_grad_(grad, scale.float())
         total = grad if total is None else total + grad
     if total is None:
         total = torch.zeros_like(student)
