@@ -121,6 +121,20 @@ def test_separate_backward_passes_and_repeats(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_one_pass_serves_three_backwards(device, monkeypatch):
+    """The three separate backward passes reuse the gradients of the forward's fused pass."""
+    calls = []
+    op = specx.ops.deepkd_losses
+    monkeypatch.setattr(specx.ops, "deepkd_losses", lambda *a: calls.append(1) or op(*a))
+    student, teacher, target = make_inputs(5, 64, torch.float32, device, seed=2)
+    s = student.clone().requires_grad_(True)
+    losses = specx.distill.deepkd_losses(s, teacher, target, k=6)
+    grads = [torch.autograd.grad(loss, s, retain_graph=i < 2)[0] for i, loss in enumerate(losses)]
+    assert calls == []
+    assert not torch.equal(grads[0], grads[1]) and not torch.equal(grads[1], grads[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_no_grad_forward(device):
     student, teacher, target = make_inputs(5, 30, torch.float32, device)
     with torch.no_grad():
@@ -128,6 +142,25 @@ def test_no_grad_forward(device):
     ref = reference.deepkd_losses(student.cpu(), teacher.cpu(), target.cpu(), k=4)
     for loss, ref_loss in zip(losses, ref):
         assert rel_err(loss, ref_loss) <= 2e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    student, teacher, target = make_inputs(8, 64, torch.float32, device, ties=True)
+
+    def step(s, t, y):
+        ce, tckd, nckd = specx.distill.deepkd_losses(s, t, y, k=9)
+        return ce + 0.5 * tckd + 2.0 * nckd
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    s1 = student.clone().requires_grad_(True)
+    s2 = student.clone().requires_grad_(True)
+    loss1 = compiled(s1, teacher, target)
+    loss1.backward()
+    loss2 = step(s2, teacher, target)
+    loss2.backward()
+    assert torch.allclose(loss1, loss2)
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-7)
 
 
 def test_bad_arguments():

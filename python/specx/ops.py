@@ -164,6 +164,7 @@ def _deepkd_losses_setup_context(ctx, inputs, output):
     student, teacher, target, k, temperature, ignore_index, compute_grad = inputs
     grads = output[3:]
     ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # a loss that is not backpropagated arrives as None, not zeros
     ctx.save_for_backward(student, teacher, target, *grads)
     ctx.loss_args = (k, temperature, ignore_index)
     # Each stored gradient is scaled in place by the first backward that reaches its loss; a
