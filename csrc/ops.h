@@ -1,5 +1,6 @@
 // Declarations of the specx ops' C++ implementations (registered in registration.cpp).
 #pragma once
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -43,5 +44,21 @@ std::tuple<at::Tensor, at::Tensor> tree_attention(const at::Tensor& q, const at:
                                                   const at::Tensor& v_cache, const at::Tensor& cache_lens,
                                                   const std::optional<at::Tensor>& tree_mask,
                                                   std::optional<double> scale, int64_t num_splits);
+
+// ---- DeepKD ----
+
+// Per row of [..., C] logits: the k-th largest value (logits dtype) and the count of entries
+// strictly greater (int64). Ties: see csrc/include/specx/topk_threshold.h.
+std::tuple<at::Tensor, at::Tensor> topk_threshold(const at::Tensor& logits, int64_t k);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deepkd_losses(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& target,
+    std::optional<int64_t> k, double temperature, int64_t ignore_index, bool compute_grad);
+
+void deepkd_sgd_step_(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads_task,
+                      const c10::List<std::optional<at::Tensor>>& grads_tckd,
+                      const c10::List<std::optional<at::Tensor>>& grads_nckd, at::TensorList task_buffers,
+                      at::TensorList tckd_buffers, at::TensorList nckd_buffers, double lr, double momentum,
+                      double delta, double weight_decay);
 
 }  // namespace specx

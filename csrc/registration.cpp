@@ -54,6 +54,22 @@ TORCH_LIBRARY(specx, m) {
   m.def(
       "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, Tensor? tree_mask=None, "
       "float? scale=None, int num_splits=0) -> (Tensor out, Tensor lse)");
+
+  // ---- DeepKD ----
+  // Per row of [..., C] logits: the k-th largest value and the count of entries strictly above it
+  // (radix select, no sort). Tie rule in csrc/include/specx/topk_threshold.h.
+  m.def("topk_threshold(Tensor logits, int k) -> (Tensor threshold, Tensor count_greater)");
+  // CE, TCKD and top-k-masked NCKD (each a mean over non-ignored rows) and, if compute_grad, the
+  // gradient of each wrt student_logits, from one fused pass. k=None keeps every non-target class.
+  m.def(
+      "deepkd_losses(Tensor student_logits, Tensor teacher_logits, Tensor target, int? k, float temperature, "
+      "int ignore_index, bool compute_grad) -> (Tensor ce, Tensor tckd, Tensor nckd, Tensor grad_ce, "
+      "Tensor grad_tckd, Tensor grad_nckd)");
+  // The DeepKD optimizer's update of every param (three momentum buffers each), in place.
+  m.def(
+      "deepkd_sgd_step_(Tensor(a!)[] params, Tensor?[] grads_task, Tensor?[] grads_tckd, Tensor?[] grads_nckd, "
+      "Tensor(b!)[] task_buffers, Tensor(c!)[] tckd_buffers, Tensor(d!)[] nckd_buffers, float lr, float momentum, "
+      "float delta, float weight_decay) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(specx, CPU, m) {
@@ -67,6 +83,10 @@ TORCH_LIBRARY_IMPL(specx, CPU, m) {
   m.impl("compact_kv", &specx::compact_kv);
   // ---- tree attention ----
   m.impl("tree_attention", &specx::tree_attention);
+  // ---- DeepKD ----
+  m.impl("topk_threshold", &specx::topk_threshold);
+  m.impl("deepkd_losses", &specx::deepkd_losses);
+  m.impl("deepkd_sgd_step_", &specx::deepkd_sgd_step_);
 }
 
 #ifdef SPECX_WITH_CUDA
@@ -81,5 +101,9 @@ TORCH_LIBRARY_IMPL(specx, CUDA, m) {
   m.impl("compact_kv", &specx::compact_kv);
   // ---- tree attention ----
   m.impl("tree_attention", &specx::tree_attention);
+  // ---- DeepKD ----
+  m.impl("topk_threshold", &specx::topk_threshold);
+  m.impl("deepkd_losses", &specx::deepkd_losses);
+  m.impl("deepkd_sgd_step_", &specx::deepkd_sgd_step_);
 }
 #endif

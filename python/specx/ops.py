@@ -124,6 +124,7 @@ def _tree_attention_fake(q, k_cache, v_cache, cache_lens, tree_mask=None, scale=
 
 
 # ---------------------------------------------------------------------------------------------
+<<<<<<< HEAD
 # Decoding: draft trees, verification, KV compaction
 # ---------------------------------------------------------------------------------------------
 
@@ -156,3 +157,81 @@ def _verify_sample_fake(node_tokens, parents, num_nodes, target_logits, draft_pr
 @torch.library.register_fake("specx::compact_kv")
 def _compact_kv_fake(k_cache, v_cache, lengths, accepted_nodes, accept_len):
     return None
+=======
+# DeepKD
+# ---------------------------------------------------------------------------------------------
+
+topk_threshold = torch.ops.specx.topk_threshold
+deepkd_losses = torch.ops.specx.deepkd_losses
+deepkd_sgd_step_ = torch.ops.specx.deepkd_sgd_step_
+__all__ += ["topk_threshold", "deepkd_losses", "deepkd_sgd_step_"]
+
+
+@torch.library.register_fake("specx::topk_threshold")
+def _topk_threshold_fake(logits, k):
+    lead = _leading_shape(logits)
+    return logits.new_empty(lead), logits.new_empty(lead, dtype=torch.int64)
+
+
+@torch.library.register_fake("specx::deepkd_losses")
+def _deepkd_losses_fake(student_logits, teacher_logits, target, k, temperature, ignore_index, compute_grad):
+    losses = tuple(student_logits.new_empty((), dtype=torch.float32) for _ in range(3))
+    grads = tuple(student_logits.new_empty(student_logits.shape if compute_grad else (0,)) for _ in range(3))
+    return losses + grads
+
+
+@torch.library.register_fake("specx::deepkd_sgd_step_")
+def _deepkd_sgd_step_fake(params, grads_task, grads_tckd, grads_nckd, task_buffers, tckd_buffers, nckd_buffers,
+                          lr, momentum, delta, weight_decay):
+    return None
+
+
+def _is_traced(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return (torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
+            or torch._is_functional_tensor(t))
+
+
+def _deepkd_losses_setup_context(ctx, inputs, output):
+    student, teacher, target, k, temperature, ignore_index, compute_grad = inputs
+    grads = output[3:]
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # a loss that is not backpropagated arrives as None, not zeros
+    ctx.save_for_backward(student, teacher, target, *grads)
+    ctx.loss_args = (k, temperature, ignore_index)
+    # Each stored gradient is scaled in place by the first backward that reaches its loss; a
+    # second backward of the same loss (retain_graph=True) recomputes it instead.
+    ctx.stored_grad_fresh = [compute_grad] * 3
+
+
+def _deepkd_losses_backward(ctx, grad_ce, grad_tckd, grad_nckd, _grad_ce, _grad_tckd, _grad_nckd):
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    student, teacher, target, *stored = ctx.saved_tensors
+    total = None
+    for i, scale in enumerate((grad_ce, grad_tckd, grad_nckd)):
+        if scale is None:
+            continue
+        grad = stored[i]
+        if not ctx.stored_grad_fresh[i]:
+            grad = deepkd_losses(student, teacher, target, *ctx.loss_args, True)[3 + i]
+        ctx.stored_grad_fresh[i] = False
+        if _is_traced(grad):
+            # Under torch.compile / AOT tracing, in-place scaling of several op outputs trips the
+            # partitioner; the compiler can fuse this product into the consumer instead.
+            grad = grad * scale
+        else:
+            # In place, so the usual d(loss) == 1 costs no pass (the CUDA kernel returns at once).
+            with torch.autograd._unsafe_preserve_version_counter(grad):
+                torch.ops.specx.scale_grad_(grad, scale.float())
+        total = grad if total is None else total + grad
+    if total is None:
+        total = torch.zeros_like(student)
+    return (total,) + (None,) * 6
+
+
+torch.library.register_autograd("specx::deepkd_losses", _deepkd_losses_backward,
+                                setup_context=_deepkd_losses_setup_context)
+>>>>>>> deepkd

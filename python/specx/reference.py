@@ -517,3 +517,90 @@ def compact_kv(k_cache: Tensor, v_cache: Tensor, lengths: Tensor, accepted_nodes
         v_out[b, base:base + n] = v_cache[b, src]
         new_len[b] = base + n
     return k_out, v_out, new_len
+# DeepKD
+# ---------------------------------------------------------------------------------------------
+
+
+def topk_threshold(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per row of ``[..., C]`` logits: the k-th largest value (counting multiplicity, in the logits
+    dtype) and the number of entries strictly greater. NaN-free inputs."""
+    x = logits.double()
+    threshold = torch.sort(x, dim=-1, descending=True).values[..., k - 1]
+    count = (x > threshold.unsqueeze(-1)).sum(-1)
+    return threshold.to(logits.dtype), count
+
+
+def topk_mask(logits: Tensor, k: int | None) -> Tensor:
+    """The kept top-k set of each row: entries above the threshold, then the lowest-index entries
+    equal to it until ``k`` are kept (``k=None``: every entry)."""
+    if k is None:
+        return torch.ones_like(logits, dtype=torch.bool)
+    x = logits.double()
+    threshold, greater = topk_threshold(logits, k)
+    threshold = threshold.double().unsqueeze(-1)
+    ties = x == threshold
+    tie_rank = torch.cumsum(ties.long(), -1)  # 1-based rank of each tie in index order
+    return (x > threshold) | (ties & (tie_rank <= (k - greater).unsqueeze(-1)))
+
+
+def deepkd_losses(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *, k: int | None = None,
+                  temperature: float = 4.0, ignore_index: int = -100) -> tuple[Tensor, Tensor, Tensor]:
+    """DeepKD's (ce, tckd, nckd) in float64, each the mean over non-ignored rows (0 if none).
+
+    Per row at temperature T: ce is the student's cross-entropy at T=1; tckd is T^2 KL between the
+    binary [p_gt, 1 - p_gt] of teacher and student; nckd is T^2 KL between teacher and student
+    softmaxes over the kept set (teacher top-k minus the target, renormalised). Differentiable with
+    respect to ``student_logits`` (a float64 leaf in the tests)."""
+    classes = student_logits.shape[-1]
+    s = student_logits.reshape(-1, classes).double()
+    t = teacher_logits.reshape(-1, classes).double().detach()
+    y_all = target.reshape(-1)
+    valid = y_all.ne(ignore_index)
+    y = torch.where(valid, y_all, torch.zeros_like(y_all)).unsqueeze(-1)
+    is_target = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, y, True)
+    neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+
+    ce = torch.logsumexp(s, -1) - s.gather(-1, y).squeeze(-1)
+
+    def binary_logs(z):  # log p_gt and log(1 - p_gt) of softmax(z)
+        lse = torch.logsumexp(z, -1)
+        lse_nt = torch.logsumexp(torch.where(is_target, neg_inf, z), -1)
+        return z.gather(-1, y).squeeze(-1) - lse, lse_nt - lse
+
+    a, b = s / temperature, t / temperature
+    log_ps, log_1mps = binary_logs(a)
+    log_pt, log_1mpt = binary_logs(b)
+    pt, one_m_pt = log_pt.exp(), log_1mpt.exp()
+    zero = torch.zeros_like(pt)
+    tckd = (torch.where(pt > 0, pt * (log_pt - log_ps), zero)
+            + torch.where(one_m_pt > 0, one_m_pt * (log_1mpt - log_1mps), zero)) * temperature ** 2
+
+    kept = topk_mask(teacher_logits.reshape(-1, classes), k) & ~is_target
+    kept_any = kept.any(-1, keepdim=True)  # rows with an empty kept set get nckd 0 (and no NaN)
+    lq = torch.log_softmax(torch.where(kept, a, neg_inf).where(kept_any, 0.0), -1)
+    lp = torch.log_softmax(torch.where(kept, b, neg_inf).where(kept_any, 0.0), -1)
+    nckd = torch.where(kept, lp.exp() * (lp - lq), torch.zeros_like(lp)).sum(-1) * temperature ** 2
+
+    count = valid.sum().clamp_min(1)
+    return tuple(torch.where(valid, v, zero).sum() / count for v in (ce, tckd, nckd))
+
+
+def deepkd_sgd_step(params: list[Tensor], grads_task: list, grads_tckd: list, grads_nckd: list,
+                    buffers: list[list[Tensor]], *, lr: float, momentum: float = 0.9, delta: float = 0.075,
+                    weight_decay: float = 0.0) -> None:
+    """The paper's DeepKD update, in place, with ``torch._foreach``-free plain ops: per param,
+    v0 = (m+d) v0 + g_task + wd p, v1 = (m-d) v1 + g_tckd, v2 = (m+d) v2 + g_nckd,
+    p -= lr (v0 + v1 + v2). ``buffers[i]`` holds param i's three buffers; a None gradient is 0."""
+    with torch.no_grad():
+        for p, g0, g1, g2, (v0, v1, v2) in zip(params, grads_task, grads_tckd, grads_nckd, buffers):
+            g0 = torch.zeros_like(p) if g0 is None else g0
+            if weight_decay != 0:
+                g0 = g0.add(p, alpha=weight_decay)
+            v0.mul_(momentum + delta).add_(g0)
+            v1.mul_(momentum - delta)
+            if g1 is not None:
+                v1.add_(g1)
+            v2.mul_(momentum + delta)
+            if g2 is not None:
+                v2.add_(g2)
+            p.sub_(v0.add(v1).add_(v2), alpha=lr)

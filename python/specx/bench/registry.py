@@ -31,6 +31,6 @@ def register(bench: Benchmark) -> Benchmark:
 
 def load_all() -> dict[str, Benchmark]:
     """Imports every benchmark module (each registers itself)."""
-    from specx.bench import speckd, speckd_fused_linear, tree_attention, tree_ops  # noqa: F401
+    from specx.bench import deepkd, speckd, speckd_fused_linear, tree_attention, tree_ops  # noqa: F401
 
     return REGISTRY

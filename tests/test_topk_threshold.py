@@ -1,0 +1,96 @@
+"""torch.ops.specx.topk_threshold against reference.py, on CPU and (if present) CUDA."""
+
+import pytest
+import torch
+
+from specx import reference
+from conftest import DEVICES, requires_cuda
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_logits(rows, cols, dtype, device, *, ties, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if ties:  # few distinct values: many ties at every threshold
+        x = torch.randint(-6, 7, (rows, cols), generator=gen).float() / 2
+    else:
+        x = torch.randn(rows, cols, generator=gen) * 3
+    return x.to(dtype).to(device)
+
+
+def check(x, k):
+    threshold, count = torch.ops.specx.topk_threshold(x, k)
+    ref_threshold, ref_count = reference.topk_threshold(x.cpu(), k)
+    assert threshold.dtype == x.dtype and count.dtype == torch.int64
+    assert threshold.shape == x.shape[:-1] and count.shape == x.shape[:-1]
+    torch.testing.assert_close(threshold.cpu(), ref_threshold, rtol=0, atol=0)
+    torch.testing.assert_close(count.cpu(), ref_count, rtol=0, atol=0)
+    # The definition: fewer than k entries above, at least k at or above.
+    xd = x.double()
+    assert bool((count < k).all())
+    assert bool(((xd >= threshold.double().unsqueeze(-1)).sum(-1) >= k).all())
+    return threshold, count
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (3, 2), (5, 33), (4, 1000), (2, 3, 77)])
+def test_matches_reference(device, dtype, ties, shape):
+    x = make_logits(int(torch.tensor(shape[:-1]).prod()), shape[-1], dtype, device, ties=ties).reshape(shape)
+    cols = shape[-1]
+    for k in sorted({1, max(1, cols // 3), max(1, cols - 1), cols}):
+        check(x, k)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("cols", [2, 31, 4097, 32000, 128256, 151936, 500000])
+def test_cuda_large_vocab(dtype, ties, cols):
+    rows = 3
+    x = make_logits(rows, cols, dtype, "cuda", ties=ties, seed=cols)
+    for k in sorted({1, 64, max(1, cols // 20), max(1, cols // 2), cols}):
+        if k <= cols:
+            threshold, count = check(x, k)
+            # CPU and CUDA agree exactly.
+            cpu_threshold, cpu_count = torch.ops.specx.topk_threshold(x.cpu(), k)
+            assert torch.equal(threshold.cpu(), cpu_threshold) and torch.equal(count.cpu(), cpu_count)
+
+
+@requires_cuda
+def test_cuda_many_rows_matches_topk():
+    x = torch.randn(257, 50000, device="cuda", dtype=torch.bfloat16)
+    threshold, count = torch.ops.specx.topk_threshold(x, 2500)
+    assert torch.equal(threshold, x.topk(2500, dim=-1).values[:, -1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_signed_zero_ties_and_infinities(device):
+    x = torch.tensor([[-0.0, 0.0, -0.0, -1.0], [float("inf"), 1.0, float("-inf"), float("inf")]], device=device)
+    threshold, count = torch.ops.specx.topk_threshold(x, 2)
+    assert threshold.tolist() == [0.0, float("inf")] and count.tolist() == [0, 0]
+    threshold, count = torch.ops.specx.topk_threshold(x, 4)
+    assert threshold.tolist() == [-1.0, float("-inf")] and count.tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous(device):
+    x = torch.randn(40, 6, device=device).t()  # [6, 40], stride (1, 6)
+    check(x, 7)
+
+
+def test_bad_arguments():
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="k"):
+        torch.ops.specx.topk_threshold(x, 0)
+    with pytest.raises(ValueError, match="k"):
+        torch.ops.specx.topk_threshold(x, 6)
+    with pytest.raises(ValueError, match="logits"):
+        torch.ops.specx.topk_threshold(x.long(), 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = make_logits(4, 37, torch.float32, device, ties=True)
+    torch.library.opcheck(torch.ops.specx.topk_threshold, (x, 5))
