@@ -1,38 +1,45 @@
 #!/usr/bin/env bash
 # One GPU session: build from source, run the CUDA tests (plain and under compute-sanitizer),
-# then the benchmarks. Logs and results go to $OUT (or ./gpu-out). Usage:
-#   bash benchmarks/gpu_session.sh [pytest -k expression for the sanitizer] [bench names...]
+# then the benchmarks, each stage under its own time limit. Logs and results go to $OUT
+# (default ./gpu-out). Settings (environment):
+#   SANITIZE_K   pytest -k expression run under memcheck   (default: cuda)
+#   RACECHECK_K  pytest -k expression run under racecheck  (default: SANITIZE_K)
+#   BENCH        benchmark names, space-separated           (default: none)
+#   T_TESTS T_MEMCHECK T_RACECHECK T_BENCH  seconds per stage (per benchmark for T_BENCH)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then  # wheels the GPU machine lacks (liger-kernel, ...)
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
-
 start=$SECONDS
 SPECX_CUDA=ON python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; exit 1; }
 python3 -c "import specx; assert specx.cuda_built, 'CUDA kernels missing'; print('specx built with CUDA')"
 echo "build: $((SECONDS - start)) s"
 
-sanitize_k=${1:-cuda}
-shift || true
-tests=${SPECX_TESTS:-tests}
-python3 -m pytest -q -p no:cacheprovider $tests 2>&1 | tee "$OUT/pytest.log" | grep -E "passed|failed|Error|FAILED|Fatal" | tail -25
-echo "pytest exit ${PIPESTATUS[0]}; tests: $((SECONDS - start)) s"
-for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --print-limit 20 --error-exitcode 99 \
-    python3 -m pytest -q -p no:cacheprovider $tests -k "$sanitize_k" > "$OUT/sanitizer_$tool.log" 2>&1
-  echo "compute-sanitizer $tool exit $? ($(grep -cE 'ERROR SUMMARY: 0 errors|RACECHECK SUMMARY: 0 hazards' "$OUT/sanitizer_$tool.log") clean summaries)"
-  grep -E "SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -3
+# Each test file in its own process: one crash cannot hide the other files' results.
+deadline=$((SECONDS + ${T_TESTS:-150}))
+for f in tests/test_*.py; do
+  left=$((deadline - SECONDS)); [ $left -gt 5 ] || { echo "$f: no time left"; continue; }
+  timeout $left python3 -m pytest -q -p no:cacheprovider "$f" -k "${TESTS_K:-cuda}" > "$OUT/pytest_$(basename $f .py).log" 2>&1
+  echo "$f: exit $? $(tail -1 "$OUT/pytest_$(basename $f .py).log")"
 done
-echo "sanitizers: $((SECONDS - start)) s"
-if [ $# -gt 0 ]; then
-  SPECX_GIT_COMMIT=$(cat .git-commit 2>/dev/null || echo unknown) specx-bench "$@" --out "$OUT/results" 2>&1 \
-    | tee "$OUT/bench.log" | grep -v "it/s\]" | tail -60
-fi
+sanitize() {  # tool, -k expression, seconds
+  timeout "$3" compute-sanitizer --tool "$1" --print-limit 20 python3 -m pytest -q -p no:cacheprovider tests -k "$2" \
+    > "$OUT/sanitizer_$1.log" 2>&1
+  echo "compute-sanitizer $1 exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$1.log" | tail -1)" \
+       "$(grep -E 'passed|failed' "$OUT/sanitizer_$1.log" | tail -1)"
+}
+sanitize memcheck "${SANITIZE_K:-cuda}" "${T_MEMCHECK:-90}"
+sanitize racecheck "${RACECHECK_K:-${SANITIZE_K:-cuda}}" "${T_RACECHECK:-60}"
+echo "tests and sanitizers: $((SECONDS - start)) s"
+for name in ${BENCH:-}; do
+  SPECX_GIT_COMMIT=$(cat .git-commit 2>/dev/null || echo unknown) timeout "${T_BENCH:-120}" \
+    specx-bench "$name" --out "$OUT/results" > "$OUT/bench_$name.log" 2>&1
+  echo "== bench $name exit $?"; grep -v "case/s\]\|it/s\]\|Warning\|warn" "$OUT/bench_$name.log" | grep -E "^$name|^op |specx|wrote" | head -40
+done
 echo "total: $((SECONDS - start)) s"

@@ -62,15 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         bench = registry[name]
         cases = bench.cases(device, quick)
         records: list[dict] = []
+        out_dir = args.out / common.device_slug(device)
         for case in tqdm(cases, desc=name, unit="case"):
             records.extend(bench.run_case(case, device, ceilings))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if not args.no_save:  # after every case, so an interrupted run keeps what it measured
+                path = common.write_results(out_dir, name, header, records)
         print(f"\n{bench.title}")
         print_table(records, bench.label_keys)
         if not args.no_save:
-            out_dir = args.out / common.device_slug(device)
-            path = common.write_results(out_dir, name, header, records)
             print(f"wrote {path}")
             try:
                 common.plot_records(out_dir / f"{name}.png", f"{bench.title} ({header['device']})", records,

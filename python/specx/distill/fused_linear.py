@@ -20,8 +20,8 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _DEFAULT_CHUNK_BYTES = 1 << 30
 
 
-def _logits_fp32(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """hidden @ weight.T (+ bias) in float32, without rounding the product to the operand dtype."""
+def _matmul_nt_fp32(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """hidden @ weight.T (+ bias) in float32, without rounding the product to the operands' dtype."""
     if hidden.is_cuda and hidden.dtype in _LOW_PRECISION:
         out = torch.ops.aten.mm.dtype(hidden, weight.t(), torch.float32)
     else:
@@ -57,12 +57,17 @@ def _chunked_pass(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
     g_hidden = torch.empty_like(s_hidden) if want_hidden else None
     g_weight = torch.zeros(s_weight.shape, dtype=torch.float32, device=device) if want_weight else None
     g_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if want_bias else None
+    # fp16 lacks the range for d(logits) of a mean over many rows (they fall into subnormals):
+    # scale them by 2^12 in the kernel and divide the fp32 GEMM results back (exact).
+    unit = 4096.0 if grad_dtype == torch.float16 else 1.0
+    if unit != 1.0:
+        grad_scale = torch.tensor(unit, device=device) if grad_scale is None else grad_scale * unit
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
         h = s_hidden[start:stop]
-        s_logits = _logits_fp32(h, s_weight, s_bias)
+        s_logits = _matmul_nt_fp32(h, s_weight, s_bias)
         with torch.no_grad():
-            t_logits = _logits_fp32(t_hidden[start:stop], t_weight, t_bias)
+            t_logits = _matmul_nt_fp32(t_hidden[start:stop], t_weight, t_bias)
         div, acc, dlogits = torch.ops.specx.speckd_rows(
             s_logits, t_logits, None if labels is None else labels[start:stop], opts["ignore_index"],
             opts["divergence"], opts["gate"], opts["k"], opts["reject_weight"], opts["temperature"], opts["mix"],
@@ -75,11 +80,15 @@ def _chunked_pass(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
         if row_scale is not None:
             dlogits.mul_(row_scale[start:stop, None].to(dlogits.dtype))
         if want_hidden:
-            g_hidden[start:stop] = (dlogits @ s_weight.to(dlogits.dtype)).to(s_hidden.dtype)
+            g_chunk = _matmul_nt_fp32(dlogits, s_weight.to(dlogits.dtype).t(), None)
+            g_hidden[start:stop] = (g_chunk if unit == 1.0 else g_chunk.div_(unit)).to(s_hidden.dtype)
         if want_weight:
             _accumulate_weight_grad(g_weight, dlogits, h.to(dlogits.dtype) if h.dtype != dlogits.dtype else h)
         if want_bias:
             g_bias += dlogits.float().sum(0)
+    for g in (g_weight, g_bias):
+        if g is not None and unit != 1.0:
+            g.div_(unit)
     return row_div, row_acc, g_hidden, g_weight, g_bias
 
 
