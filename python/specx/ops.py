@@ -124,7 +124,6 @@ def _tree_attention_fake(q, k_cache, v_cache, cache_lens, tree_mask=None, scale=
 
 
 # ---------------------------------------------------------------------------------------------
-<<<<<<< HEAD
 # Decoding: draft trees, verification, KV compaction
 # ---------------------------------------------------------------------------------------------
 
@@ -157,7 +156,9 @@ def _verify_sample_fake(node_tokens, parents, num_nodes, target_logits, draft_pr
 @torch.library.register_fake("specx::compact_kv")
 def _compact_kv_fake(k_cache, v_cache, lengths, accepted_nodes, accept_len):
     return None
-=======
+
+
+# ---------------------------------------------------------------------------------------------
 # DeepKD
 # ---------------------------------------------------------------------------------------------
 
@@ -234,4 +235,3 @@ def _deepkd_losses_backward(ctx, grad_ce, grad_tckd, grad_nckd, _grad_ce, _grad_
 
 torch.library.register_autograd("specx::deepkd_losses", _deepkd_losses_backward,
                                 setup_context=_deepkd_losses_setup_context)
->>>>>>> deepkd
