@@ -6,6 +6,9 @@
 #   RACECHECK_K  pytest -k expression run under racecheck  (default: SANITIZE_K)
 #   BENCH        benchmark names, space-separated           (default: none)
 #   T_TESTS T_MEMCHECK T_RACECHECK T_BENCH  seconds per stage (per benchmark for T_BENCH)
+#   AFTER_BUILD  a command to run right after the build (a probe, a tuning sweep)
+# At the end everything under $OUT is packed into $OUT/session.tgz (the device tool returns
+# at most eight files).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT/results"
@@ -20,6 +23,7 @@ SPECX_CUDA=ON python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT
   || { tail -40 "$OUT/build.log"; exit 1; }
 python3 -c "import specx; assert specx.cuda_built, 'CUDA kernels missing'; print('specx built with CUDA')"
 echo "build: $((SECONDS - start)) s"
+if [ -n "${AFTER_BUILD:-}" ]; then (eval "$AFTER_BUILD") 2>&1 | tee "$OUT/after_build.log" | grep -v "^\[" | tail -40; fi
 
 # Each test file in its own process: one crash cannot hide the other files' results.
 deadline=$((SECONDS + ${T_TESTS:-150}))
@@ -43,3 +47,4 @@ for name in ${BENCH:-}; do
   echo "== bench $name exit $?"; grep -v "case/s\]\|it/s\]\|Warning\|warn" "$OUT/bench_$name.log" | grep -E "^$name|^op |specx|wrote" | head -40
 done
 echo "total: $((SECONDS - start)) s"
+tar czf /tmp/session.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tgz "$OUT/"

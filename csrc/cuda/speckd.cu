@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "specx/speckd_kernel.cuh"
 
@@ -14,9 +15,15 @@ using speckd_cuda::kThreads;
 // Small slices let four blocks share an SM, so one block's loads overlap the arithmetic and
 // cluster barriers of the others; clusters of 16 (non-portable, fine on H100/H200) keep
 // slices small up to a 256k vocabulary.
-constexpr int64_t kPreferredSliceBytes = 40 * 1024;
+// SPECX_SPECKD_SLICE_KB and SPECX_SPECKD_MAX_CLUSTER override the two for tuning runs.
 constexpr int64_t kMaxSliceBytes = 200 * 1024;
-constexpr int kMaxCluster = 16;
+
+int env_or(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::atoi(value) > 0 ? std::atoi(value) : fallback;
+}
+const int64_t kPreferredSliceBytes = int64_t{env_or("SPECX_SPECKD_SLICE_KB", 40)} * 1024;
+const int kMaxCluster = std::min(16, env_or("SPECX_SPECKD_MAX_CLUSTER", 16));
 
 template <typename T, typename TG, Divergence kDiv>
 cudaError_t launch_typed(const SpecKDParams& prm, cudaStream_t stream) {

@@ -277,9 +277,12 @@ __global__ void __launch_bounds__(kThreads, 3)
     const int per = (len + kThreads - 1) / kThreads;
     const int lo = min(len, static_cast<int>(threadIdx.x) * per), hi = min(len, lo + per);
     FixedTotals mine{0, 0};
-    for (int i = lo; i < hi; ++i) {
+    // Integer sums do not care about order: start each thread at a different offset of its
+    // range, so a warp's shared-memory reads spread over the banks instead of colliding.
+    for (int n = 0, i = lo + (hi > lo ? static_cast<int>(threadIdx.x) % (hi - lo) : 0); n < hi - lo; ++n) {
       mine.zq += det_weight(to_float(rs[i]), rmax.max_s, inv_t);
       mine.zp += det_weight(to_float(rt[i]), rmax.max_t, inv_t);
+      if (++i == hi) i = lo;
     }
     const unsigned long long block_zq =
         block_exclusive_scan(mine.zq, thread_prefix, reinterpret_cast<unsigned long long*>(scratch));
