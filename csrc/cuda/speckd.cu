@@ -12,18 +12,18 @@ namespace {
 
 using speckd_cuda::kThreads;
 
-// Small slices let four blocks share an SM, so one block's loads overlap the arithmetic and
-// cluster barriers of the others; clusters of 16 (non-portable, fine on H100/H200) keep
-// slices small up to a 256k vocabulary.
-// SPECX_SPECKD_SLICE_KB and SPECX_SPECKD_MAX_CLUSTER override the two for tuning runs.
+// Slices of at most 72 KB let three blocks share an SM, so one block's loads overlap the
+// arithmetic and cluster barriers of the others. Clusters of 16 (non-portable) were 1.6x
+// slower than 8 on the H200 at 8192 x 128256 (fewer whole clusters fit the GPCs), so 8 is the
+// default cap. SPECX_SPECKD_SLICE_KB and SPECX_SPECKD_MAX_CLUSTER override both for tuning.
 constexpr int64_t kMaxSliceBytes = 200 * 1024;
 
 int env_or(const char* name, int fallback) {
   const char* value = std::getenv(name);
   return value != nullptr && std::atoi(value) > 0 ? std::atoi(value) : fallback;
 }
-const int64_t kPreferredSliceBytes = int64_t{env_or("SPECX_SPECKD_SLICE_KB", 40)} * 1024;
-const int kMaxCluster = std::min(16, env_or("SPECX_SPECKD_MAX_CLUSTER", 16));
+const int64_t kPreferredSliceBytes = int64_t{env_or("SPECX_SPECKD_SLICE_KB", 72)} * 1024;
+const int kMaxCluster = std::min(16, env_or("SPECX_SPECKD_MAX_CLUSTER", 8));
 
 template <typename T, typename TG, Divergence kDiv>
 cudaError_t launch_typed(const SpecKDParams& prm, cudaStream_t stream) {

@@ -300,18 +300,37 @@ __global__ void __launch_bounds__(kThreads, 3)
       zp += other.zp;
     }
     const unsigned long long my_lo = start + thread_prefix[threadIdx.x];
+    const int lane = threadIdx.x % 32;
     for (int i = 0; i < prm.k; ++i) {
       const ProposalDraw draw = proposal_draw(prm.seed, static_cast<uint64_t>(prm.row_offset + row), i);
       const unsigned long long target = proposal_target(draw.pick, zq);
-      if (target < my_lo || target >= my_lo + mine.zq) continue;
-      unsigned long long run = my_lo;
-      for (int j = lo; j < hi; ++j) {
-        run += det_weight(to_float(rs[j]), rmax.max_s, inv_t);
-        if (run > target) {
-          const double q_val = det_value(to_float(rs[j]), rmax.max_s, inv_t);
-          const double p_val = det_value(to_float(rt[j]), rmax.max_t, inv_t);
-          if (proposal_accepted(draw.coin, p_val, zp, q_val, zq)) atomicOr(&slot_accept, 1);
-          break;
+      const unsigned owners = __ballot_sync(0xffffffffu, target >= my_lo && target < my_lo + mine.zq);
+      if (owners == 0) continue;
+      // The owner's range is searched by its whole warp: each lane takes a contiguous piece,
+      // and an inclusive scan of the pieces' masses finds the lane holding the target.
+      const int owner = __ffs(owners) - 1;
+      const int o_lo = __shfl_sync(0xffffffffu, lo, owner), o_hi = __shfl_sync(0xffffffffu, hi, owner);
+      const unsigned long long o_base = __shfl_sync(0xffffffffu, my_lo, owner);
+      const int piece = (o_hi - o_lo + 31) / 32;
+      const int p_lo = min(o_hi, o_lo + lane * piece), p_hi = min(o_hi, p_lo + piece);
+      unsigned long long mass = 0;
+      for (int j = p_lo; j < p_hi; ++j) mass += det_weight(to_float(rs[j]), rmax.max_s, inv_t);
+      unsigned long long incl = mass;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const unsigned long long up = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += up;
+      }
+      unsigned long long run = o_base + incl - mass;
+      if (target >= run && target < o_base + incl) {
+        for (int j = p_lo; j < p_hi; ++j) {
+          run += det_weight(to_float(rs[j]), rmax.max_s, inv_t);
+          if (run > target) {
+            const double q_val = det_value(to_float(rs[j]), rmax.max_s, inv_t);
+            const double p_val = det_value(to_float(rt[j]), rmax.max_t, inv_t);
+            if (proposal_accepted(draw.coin, p_val, zp, q_val, zq)) atomicOr(&slot_accept, 1);
+            break;
+          }
         }
       }
     }

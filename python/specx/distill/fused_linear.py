@@ -54,7 +54,7 @@ def _chunked_pass(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
     grad_dtype = s_weight.dtype if s_weight.dtype in _LOW_PRECISION else torch.float32
     row_div = torch.empty(rows, dtype=torch.float32, device=device)
     row_acc = torch.empty(rows, dtype=torch.bool, device=device)
-    g_hidden = torch.empty_like(s_hidden) if want_hidden else None
+    g_hidden = torch.empty(s_hidden.shape, dtype=torch.float32, device=device) if want_hidden else None
     g_weight = torch.zeros(s_weight.shape, dtype=torch.float32, device=device) if want_weight else None
     g_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if want_bias else None
     # fp16 lacks the range for d(logits) of a mean over many rows (they fall into subnormals):
@@ -81,7 +81,7 @@ def _chunked_pass(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
             dlogits.mul_(row_scale[start:stop, None].to(dlogits.dtype))
         if want_hidden:
             g_chunk = _matmul_nt_fp32(dlogits, s_weight.to(dlogits.dtype).t(), None)
-            g_hidden[start:stop] = (g_chunk if unit == 1.0 else g_chunk.div_(unit)).to(s_hidden.dtype)
+            g_hidden[start:stop] = g_chunk if unit == 1.0 else g_chunk.div_(unit)
         if want_weight:
             _accumulate_weight_grad(g_weight, dlogits, h.to(dlogits.dtype) if h.dtype != dlogits.dtype else h)
         if want_bias:
@@ -128,10 +128,8 @@ class _SpecKDFusedLinear(torch.autograd.Function):
                     g.mul_(inv.to(g.dtype))
         ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels)
         ctx.opts, ctx.chunk_rows, ctx.want = opts, chunk_rows, want
-        ctx.grads = None
-        if eager_grads:
-            ctx.grads = (g_h, None if g_w is None else g_w.to(s_weight.dtype),
-                         None if g_b is None else g_b.to(s_bias.dtype))
+        # Kept in fp32 until backward, so d(loss) (a loss scale, say) is applied before rounding.
+        ctx.grads = (g_h, g_w, g_b) if eager_grads else None
         ctx.mark_non_differentiable(row_div, row_acc)
         return loss, row_div, row_acc
 
@@ -146,15 +144,14 @@ class _SpecKDFusedLinear(torch.autograd.Function):
                 s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts, ctx.chunk_rows, *ctx.want,
                 None, _backward_row_scale(grad_loss, ctx.opts, valid, s_hidden, s_weight, s_bias, t_hidden,
                                           t_weight, t_bias, labels, ctx.chunk_rows))
-            grads = (g_h, None if g_w is None else g_w.to(s_weight.dtype),
-                     None if g_b is None else g_b.to(s_bias.dtype))
         else:
-            grads, ctx.grads = ctx.grads, None
-            for g in grads:
+            (g_h, g_w, g_b), ctx.grads = ctx.grads, None
+            for g in (g_h, g_w, g_b):
                 if g is not None:
                     torch.ops.specx.scale_grad_(g, grad_loss.reshape(()).float())
-        g_h, g_w, g_b = grads
-        return g_h, g_w, g_b, None, None, None, None, None, None
+        s_hidden, s_weight, s_bias = ctx.saved_tensors[:3]
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return cast(g_h, s_hidden), cast(g_w, s_weight), cast(g_b, s_bias), None, None, None, None, None, None
 
 
 def _backward_row_scale(grad_loss, opts, valid, *inputs):
