@@ -155,7 +155,7 @@ def plot_records(path: Path, title: str, records: list[dict], label_keys: list[s
         if r["impl"] not in impls:
             impls.append(r["impl"])
     width = 0.8 / max(1, len(impls))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) * max(1, len(impls)) / 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(22, max(7, 0.75 * len(labels))), 5))
     for i, impl in enumerate(impls):
         xs, ys = [], []
         for j, lab in enumerate(labels):
