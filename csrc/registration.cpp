@@ -72,38 +72,23 @@ TORCH_LIBRARY(specx, m) {
       "float delta, float weight_decay) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(specx, CPU, m) {
+// Every op's C++ function serves both devices (it dispatches on the tensors' device inside).
+static void register_impls(torch::Library& m) {
   m.impl("speckd_rows", &specx::speckd_rows);
   m.impl("speckd_loss", &specx::speckd_loss);
   m.impl("scale_grad_", &specx::scale_grad_);
-  // decoding: trees / verification
   m.impl("build_tree", &specx::build_tree);
   m.impl("verify_greedy", &specx::verify_greedy);
   m.impl("verify_sample", &specx::verify_sample);
   m.impl("compact_kv", &specx::compact_kv);
-  // ---- tree attention ----
   m.impl("tree_attention", &specx::tree_attention);
-  // ---- DeepKD ----
   m.impl("topk_threshold", &specx::topk_threshold);
   m.impl("deepkd_losses", &specx::deepkd_losses);
   m.impl("deepkd_sgd_step_", &specx::deepkd_sgd_step_);
 }
 
+TORCH_LIBRARY_IMPL(specx, CPU, m) { register_impls(m); }
+
 #ifdef SPECX_WITH_CUDA
-TORCH_LIBRARY_IMPL(specx, CUDA, m) {
-  m.impl("speckd_rows", &specx::speckd_rows);
-  m.impl("speckd_loss", &specx::speckd_loss);
-  m.impl("scale_grad_", &specx::scale_grad_);
-  // decoding: trees / verification
-  m.impl("build_tree", &specx::build_tree);
-  m.impl("verify_greedy", &specx::verify_greedy);
-  m.impl("verify_sample", &specx::verify_sample);
-  m.impl("compact_kv", &specx::compact_kv);
-  // ---- tree attention ----
-  m.impl("tree_attention", &specx::tree_attention);
-  // ---- DeepKD ----
-  m.impl("topk_threshold", &specx::topk_threshold);
-  m.impl("deepkd_losses", &specx::deepkd_losses);
-  m.impl("deepkd_sgd_step_", &specx::deepkd_sgd_step_);
-}
+TORCH_LIBRARY_IMPL(specx, CUDA, m) { register_impls(m); }
 #endif

@@ -2,6 +2,7 @@
 // both logits) and dispatches on dtype. No torch headers here.
 #include <cuda_runtime.h>
 
+#include "specx/cluster_launch.cuh"
 #include "specx/deepkd_kernel.cuh"
 
 namespace specx {
@@ -23,22 +24,8 @@ cudaError_t launch_typed(const DeepKDParams& prm, cudaStream_t stream) {
   const bool cached = slice * elem_pair <= kMaxSliceBytes;
   const size_t smem = cached ? static_cast<size_t>(slice * elem_pair) : 0;
 
-  auto kernel = deepkd_cuda::deepkd_rows_kernel<T>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(prm.rows * cluster));
-  config.blockDim = dim3(deepkd_cuda::kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, prm, static_cast<int>(slice), cached);
+  return launch_row_clusters(deepkd_cuda::deepkd_rows_kernel<T>, prm.rows, cluster, deepkd_cuda::kThreads, smem, stream,
+                             prm, static_cast<int>(slice), cached);
 }
 
 }  // namespace

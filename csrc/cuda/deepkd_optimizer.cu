@@ -4,7 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "specx/deepkd_optimizer.h"
-#include "specx/speckd_kernel.cuh"  // to_float, from_float
+#include "specx/slice.cuh"
 
 namespace specx {
 namespace {
@@ -15,8 +15,6 @@ constexpr int kUnroll = 4;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     deepkd_sgd_kernel(const DeepKDSgdTensor* tensors, const DeepKDSgdChunk* chunks, const DeepKDSgdCoefs coefs) {
-  using speckd_cuda::from_float;
-  using speckd_cuda::to_float;
   const DeepKDSgdChunk chunk = chunks[blockIdx.x];
   const DeepKDSgdTensor t = tensors[chunk.tensor];
   const int64_t begin = static_cast<int64_t>(chunk.chunk) * kDeepKDSgdChunkSize;

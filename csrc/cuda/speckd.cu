@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include "specx/cluster_launch.cuh"
 #include "specx/speckd_kernel.cuh"
 
 namespace specx {
@@ -42,24 +43,8 @@ cudaError_t launch_typed(const SpecKDParams& prm, cudaStream_t stream) {
   const bool cached = slice * elem_pair <= kMaxSliceBytes;
   const size_t smem = cached ? static_cast<size_t>(slice * elem_pair) : 0;
 
-  auto kernel = speckd_cuda::speckd_rows_kernel<T, TG, kDiv>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err == cudaSuccess && cluster > 8) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (err != cudaSuccess) return err;
-
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(prm.rows * cluster));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, prm, static_cast<int>(slice), cached);
+  return launch_row_clusters(speckd_cuda::speckd_rows_kernel<T, TG, kDiv>, prm.rows, cluster, kThreads, smem, stream,
+                             prm, static_cast<int>(slice), cached);
 }
 
 template <typename T, typename TG>
@@ -80,7 +65,7 @@ __global__ void scale_rows_kernel(T* grad, int64_t rows, int64_t vocab, const fl
   const int64_t n = rows * vocab;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     const float f = scale[per_row ? i / vocab : 0];
-    grad[i] = speckd_cuda::from_float<T>(speckd_cuda::to_float(grad[i]) * f);
+    grad[i] = from_float<T>(to_float(grad[i]) * f);
   }
 }
 

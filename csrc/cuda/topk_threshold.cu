@@ -2,6 +2,7 @@
 // row) and dispatches on dtype. No torch headers here.
 #include <cuda_runtime.h>
 
+#include "specx/cluster_launch.cuh"
 #include "specx/topk_threshold_kernel.cuh"
 
 namespace specx {
@@ -23,22 +24,8 @@ cudaError_t launch_typed(const TopKThresholdParams& prm, cudaStream_t stream) {
   const bool cached = slice * static_cast<int64_t>(sizeof(T)) <= kMaxSliceBytes;
   const size_t smem = cached ? static_cast<size_t>(slice * sizeof(T)) : 0;
 
-  auto kernel = topk_cuda::topk_threshold_kernel<T>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(prm.rows * cluster));
-  config.blockDim = dim3(topk_cuda::kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, prm, static_cast<int>(slice), cached);
+  return launch_row_clusters(topk_cuda::topk_threshold_kernel<T>, prm.rows, cluster, topk_cuda::kThreads, smem, stream,
+                             prm, static_cast<int>(slice), cached);
 }
 
 }  // namespace

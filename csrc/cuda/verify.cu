@@ -118,7 +118,7 @@ struct TargetRow {
   float vmax;
   float inv_t;
   uint64_t tau;  // top-p threshold on the weights (0: keep all)
-  __device__ uint64_t raw(int64_t v) const { return det_weight(verify_cuda::to_float(row[v]), vmax, inv_t); }
+  __device__ uint64_t raw(int64_t v) const { return det_weight(to_float(row[v]), vmax, inv_t); }
   __device__ uint64_t operator()(int64_t v) const {
     const uint64_t w = raw(v);
     return w >= tau ? w : 0;
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kSampleThreads) verify_sample_kernel(VerifyPar
   if (threadIdx.x == 0) s.path[0] = 0;
   while (true) {
     TargetRow<T> row{static_cast<const T*>(p.logits) + (row0 + cur) * p.vocab, 0.0f, p.inv_temperature, 0};
-    row.vmax = verify_cuda::block_max(p.vocab, s.maxes, [&](int64_t v) { return verify_cuda::to_float(row.row[v]); });
+    row.vmax = verify_cuda::block_max(p.vocab, s.maxes, [&](int64_t v) { return to_float(row.row[v]); });
     uint64_t total = verify_cuda::block_sum(p.vocab, s.sums, [&](int64_t v) { return row.raw(v); });
     if (p.top_p < 1.0) {
       top_p_threshold(row, p.vocab, top_p_need(p.top_p, total), s);

@@ -14,16 +14,13 @@
 //   d nckd / d s_j = T [j in K] (softmax_K(a)_j - softmax_K(b)_j)
 // Every sum over N or K is taken relative to that set's own maximum, so no sum underflows to 0.
 #pragma once
+#include "specx/speckd_kernel.cuh"  // cluster_allreduce, kLog2e
 #include "specx/topk_threshold_kernel.cuh"
 
 namespace specx::deepkd_cuda {
 
 namespace cg = cooperative_groups;
-using speckd_cuda::fast_exp2;
-using speckd_cuda::from_float;
 using speckd_cuda::kLog2e;
-using speckd_cuda::Pack;
-using speckd_cuda::to_float;
 using topk_cuda::key_of;
 using topk_cuda::kKeyBits;
 
@@ -183,48 +180,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       if (select) sel.add(key_of(t));
     };
-    constexpr int kN = Pack<T>::kN;
-    constexpr int kUnroll = 2;
-    int scalar_from = 0;
-    if (global_vec) {
-      const int nvec = len / kN;
-      const uint4* vs = reinterpret_cast<const uint4*>(gs);
-      const uint4* vt = reinterpret_cast<const uint4*>(gt);
-      for (int base = threadIdx.x; base < nvec; base += kUnroll * kThreads) {
-        uint4 a[kUnroll], b[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int v = base + u * kThreads;
-          if (v < nvec) {
-            a[u] = __ldcs(vs + v);
-            b[u] = __ldcs(vt + v);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int v = base + u * kThreads;
-          if (v < nvec) {
-            if (cached) {
-              reinterpret_cast<uint4*>(cs)[v] = a[u];
-              reinterpret_cast<uint4*>(ct)[v] = b[u];
-            }
-            const Pack<T> pa = *reinterpret_cast<const Pack<T>*>(&a[u]);
-            const Pack<T> pb = *reinterpret_cast<const Pack<T>*>(&b[u]);
-#pragma unroll
-            for (int e = 0; e < kN; ++e) visit(v * kN + e, pa.v[e], pb.v[e]);
-          }
-        }
-      }
-      scalar_from = nvec * kN;
-    }
-    for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) {
-      const T s = gs[i], t = gt[i];
-      if (cached) {
-        cs[i] = s;
-        ct[i] = t;
-      }
-      visit(i, s, t);
-    }
+    load_slice_pair<kThreads, 2>(gs, gt, cs, ct, len, cached, global_vec, visit);
   }
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;

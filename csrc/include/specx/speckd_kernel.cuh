@@ -10,6 +10,7 @@
 #include <climits>
 
 #include "specx/reduce.cuh"
+#include "specx/slice.cuh"
 #include "specx/speckd.h"
 #include "specx/speckd_gate.h"
 
@@ -19,41 +20,6 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(v);
-  } else {
-    return __bfloat162float(v);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else {
-    return __float2bfloat16_rn(v);
-  }
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// 16 bytes of T: the unit of every global and shared-memory access on the fast path.
-template <typename T>
-struct alignas(16) Pack {
-  static constexpr int kN = 16 / sizeof(T);
-  T v[kN];
-};
 
 struct RowMax {
   float max_s;
@@ -194,57 +160,14 @@ __global__ void __launch_bounds__(kThreads, 3)
   T* cs = cached ? reinterpret_cast<T*>(slice_smem) : nullptr;
   T* ct = cached ? cs + slice_len : nullptr;
   RowMax local{-INFINITY, INT_MAX, -INFINITY};
-  {
-    constexpr int kN = Pack<T>::kN;
-    constexpr int kUnroll = 4;
-    int scalar_from = 0;
-    auto visit = [&](int i, float s, float t) {
-      if (s > local.max_s) {  // indices only grow within a thread: strict > keeps the lowest
-        local.max_s = s;
-        local.arg_s = static_cast<int>(begin) + i;
-      }
-      local.max_t = fmaxf(local.max_t, t);
-    };
-    if (global_vec) {
-      const int nvec = len / kN;
-      const uint4* vs = reinterpret_cast<const uint4*>(gs);
-      const uint4* vt = reinterpret_cast<const uint4*>(gt);
-      for (int base = threadIdx.x; base < nvec; base += kUnroll * kThreads) {
-        uint4 a[kUnroll], b[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int v = base + u * kThreads;
-          if (v < nvec) {
-            a[u] = __ldcs(vs + v);
-            b[u] = __ldcs(vt + v);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int v = base + u * kThreads;
-          if (v < nvec) {
-            if (cached) {
-              reinterpret_cast<uint4*>(cs)[v] = a[u];
-              reinterpret_cast<uint4*>(ct)[v] = b[u];
-            }
-            const Pack<T> pa = *reinterpret_cast<const Pack<T>*>(&a[u]);
-            const Pack<T> pb = *reinterpret_cast<const Pack<T>*>(&b[u]);
-#pragma unroll
-            for (int e = 0; e < kN; ++e) visit(v * kN + e, to_float(pa.v[e]), to_float(pb.v[e]));
-          }
-        }
-      }
-      scalar_from = nvec * kN;
+  load_slice_pair<kThreads, 4>(gs, gt, cs, ct, len, cached, global_vec, [&](int i, T s_raw, T t_raw) {
+    const float s = to_float(s_raw);
+    if (s > local.max_s) {  // indices only grow within a thread: strict > keeps the lowest
+      local.max_s = s;
+      local.arg_s = static_cast<int>(begin) + i;
     }
-    for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) {
-      const T s = gs[i], t = gt[i];
-      if (cached) {
-        cs[i] = s;
-        ct[i] = t;
-      }
-      visit(i, to_float(s), to_float(t));
-    }
-  }
+    local.max_t = fmaxf(local.max_t, to_float(t_raw));
+  });
   const RowMax rmax = cluster_allreduce(local, &slot_max, &res_max, reinterpret_cast<RowMax*>(scratch));
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;

@@ -12,13 +12,12 @@
 #include <cuda_fp16.h>
 
 #include "specx/reduce.cuh"
-#include "specx/speckd_kernel.cuh"  // Pack, to_float, from_float
+#include "specx/slice.cuh"
 #include "specx/topk_threshold.h"
 
 namespace specx::topk_cuda {
 
 namespace cg = cooperative_groups;
-using speckd_cuda::Pack;
 
 constexpr int kThreads = 256;
 constexpr int kDigitBits = 11;

@@ -8,20 +8,10 @@
 #include <type_traits>
 
 #include "specx/reduce.cuh"
+#include "specx/slice.cuh"
 
 namespace specx {
 namespace verify_cuda {
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(v);
-  } else {
-    return __bfloat162float(v);
-  }
-}
 
 struct ArgMax {
   float value;

@@ -1,0 +1,96 @@
+// Element types and the row-slice loader shared by the cluster-per-row kernels (SpecKD,
+// DeepKD, top-k threshold): torch-free.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+namespace specx {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(v);
+  } else {
+    return __bfloat162float(v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16_rn(v);
+  }
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 16 bytes of T: the unit of every global and shared-memory access on the fast path.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kN = 16 / sizeof(T);
+  T v[kN];
+};
+
+// Streams a block's slice of two rows (len elements from gs and gt) in once: copies it to
+// shared memory (cs, ct) when `cached`, and calls visit(local index, s, t) on every element.
+// kUnroll 16-byte loads per tensor are in flight per thread before the first use; each
+// thread sees its elements in increasing index order.
+template <int kThreads, int kUnroll, typename T, typename F>
+__device__ __forceinline__ void load_slice_pair(const T* gs, const T* gt, T* cs, T* ct, int len, bool cached,
+                                                bool vectorized, F&& visit) {
+  constexpr int kN = Pack<T>::kN;
+  int scalar_from = 0;
+  if (vectorized) {
+    const int nvec = len / kN;
+    const uint4* vs = reinterpret_cast<const uint4*>(gs);
+    const uint4* vt = reinterpret_cast<const uint4*>(gt);
+    for (int base = threadIdx.x; base < nvec; base += kUnroll * kThreads) {
+      uint4 a[kUnroll], b[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int v = base + u * kThreads;
+        if (v < nvec) {
+          a[u] = __ldcs(vs + v);
+          b[u] = __ldcs(vt + v);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int v = base + u * kThreads;
+        if (v < nvec) {
+          if (cached) {
+            reinterpret_cast<uint4*>(cs)[v] = a[u];
+            reinterpret_cast<uint4*>(ct)[v] = b[u];
+          }
+          const Pack<T> pa = *reinterpret_cast<const Pack<T>*>(&a[u]);
+          const Pack<T> pb = *reinterpret_cast<const Pack<T>*>(&b[u]);
+#pragma unroll
+          for (int e = 0; e < kN; ++e) visit(v * kN + e, pa.v[e], pb.v[e]);
+        }
+      }
+    }
+    scalar_from = nvec * kN;
+  }
+  for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) {
+    const T s = gs[i], t = gt[i];
+    if (cached) {
+      cs[i] = s;
+      ct[i] = t;
+    }
+    visit(i, s, t);
+  }
+}
+
+}  // namespace specx
