@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["speckd_rows", "speckd_loss"]
+__all__ = ["row_weights", "speckd_loss", "speckd_rows", "valid_rows"]
 
 speckd_rows = torch.ops.specx.speckd_rows
 speckd_loss = torch.ops.specx.speckd_loss
@@ -61,10 +61,16 @@ def _speckd_loss_setup_context(ctx, inputs, output):
     ctx.stored_grad_fresh = compute_grad
 
 
-def _valid_rows(labels: Tensor | None, ignore_index: int, rows: int, device) -> Tensor:
+def valid_rows(labels: Tensor | None, ignore_index: int, rows: int, device) -> Tensor:
+    """1.0 for each row that counts (its label is not ``ignore_index``), else 0.0."""
     if labels is None:
         return torch.ones(rows, dtype=torch.float32, device=device)
     return labels.reshape(-1).ne(ignore_index).float()
+
+
+def row_weights(row_accepted: Tensor, valid: Tensor, reject_weight: float) -> Tensor:
+    """SpecKD's per-row weight w = reject_weight + (1 - reject_weight) * a, 0 on ignored rows."""
+    return valid * (reject_weight + (1.0 - reject_weight) * row_accepted.float())
 
 
 def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accepted, _grad_grad):
@@ -74,7 +80,7 @@ def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accept
     ignore_index, divergence, gate, k, reject_weight, temperature, mix, seed = ctx.row_args
     reduction = ctx.reduction
     rows = row_accepted.numel()
-    valid = _valid_rows(labels, ignore_index, rows, student.device)
+    valid = valid_rows(labels, ignore_index, rows, student.device)
     if not ctx.stored_grad_fresh:
         kernel_scale = None
         if reduction == "mean":
@@ -87,7 +93,7 @@ def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accept
     if reduction == "none":
         scale = grad_loss.reshape(-1)
     elif reduction == "accepted":
-        weight = valid * (reject_weight + (1.0 - reject_weight) * row_accepted.float())
+        weight = row_weights(row_accepted, valid, reject_weight)
         total = weight.sum()
         scale = torch.where(total > 0, grad_loss / total.clamp_min(1e-30), torch.zeros_like(grad_loss))
     else:

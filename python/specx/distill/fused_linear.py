@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from specx.distill.speckd import speckd_stats
+from specx.ops import row_weights, valid_rows
 
 __all__ = ["speckd_fused_linear_loss", "SpecKDFusedLinearLoss"]
 
@@ -92,16 +93,10 @@ def _chunked_pass(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
     return row_div, row_acc, g_hidden, g_weight, g_bias
 
 
-def _row_weights(row_acc: Tensor, valid: Tensor, reject_weight: float) -> Tensor:
-    return valid * (reject_weight + (1.0 - reject_weight) * row_acc.float())
-
-
 class _SpecKDFusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts, chunk_rows):
-        rows = s_hidden.shape[0]
-        valid = (torch.ones(rows, dtype=torch.float32, device=s_hidden.device) if labels is None
-                 else labels.ne(opts["ignore_index"]).float())
+        valid = valid_rows(labels, opts["ignore_index"], s_hidden.shape[0], s_hidden.device)
         n_valid = valid.sum()
         want = ctx.needs_input_grad[0], ctx.needs_input_grad[1], s_bias is not None and ctx.needs_input_grad[2]
         reduction = opts["reduction"]
@@ -111,7 +106,7 @@ class _SpecKDFusedLinear(torch.autograd.Function):
         row_div, row_acc, g_h, g_w, g_b = _chunked_pass(
             s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts, chunk_rows,
             *(w and eager_grads for w in want), grad_scale)
-        weight = _row_weights(row_acc, valid, opts["reject_weight"])
+        weight = row_weights(row_acc, valid, opts["reject_weight"])
         row_loss = weight * row_div
         if reduction == "none":
             loss = row_loss
@@ -126,7 +121,7 @@ class _SpecKDFusedLinear(torch.autograd.Function):
             for g in (g_h, g_w, g_b):
                 if g is not None:
                     g.mul_(inv.to(g.dtype))
-        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels)
+        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, row_acc)
         ctx.opts, ctx.chunk_rows, ctx.want = opts, chunk_rows, want
         # Kept in fp32 until backward, so d(loss) (a loss scale, say) is applied before rounding.
         ctx.grads = (g_h, g_w, g_b) if eager_grads else None
@@ -136,14 +131,12 @@ class _SpecKDFusedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_div, _grad_acc):
         if ctx.grads is None:  # reduction "none", or a second backward over the same graph
-            s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels = ctx.saved_tensors
+            s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, row_acc = ctx.saved_tensors
             opts = ctx.opts
-            valid = (torch.ones(s_hidden.shape[0], device=s_hidden.device) if labels is None
-                     else labels.ne(opts["ignore_index"]).float())
-            _, row_acc, g_h, g_w, g_b = _chunked_pass(
+            valid = valid_rows(labels, opts["ignore_index"], s_hidden.shape[0], s_hidden.device)
+            *_, g_h, g_w, g_b = _chunked_pass(
                 s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts, ctx.chunk_rows, *ctx.want,
-                None, _backward_row_scale(grad_loss, ctx.opts, valid, s_hidden, s_weight, s_bias, t_hidden,
-                                          t_weight, t_bias, labels, ctx.chunk_rows))
+                None, _row_grad_scale(grad_loss, opts, valid, row_acc))
         else:
             (g_h, g_w, g_b), ctx.grads = ctx.grads, None
             for g in (g_h, g_w, g_b):
@@ -154,7 +147,7 @@ class _SpecKDFusedLinear(torch.autograd.Function):
         return cast(g_h, s_hidden), cast(g_w, s_weight), cast(g_b, s_bias), None, None, None, None, None, None
 
 
-def _backward_row_scale(grad_loss, opts, valid, *inputs):
+def _row_grad_scale(grad_loss, opts, valid, row_acc):
     """d(loss)/d(row) for the recompute path: the reduction's weights times grad_loss."""
     reduction = opts["reduction"]
     if reduction == "none":
@@ -163,10 +156,7 @@ def _backward_row_scale(grad_loss, opts, valid, *inputs):
         return grad_loss.float().expand(valid.shape[0])
     if reduction == "mean":
         return (grad_loss.float() / valid.sum().clamp_min(1.0)).expand(valid.shape[0])
-    # "accepted": the divisor needs the gates, from a gradient-free pass.
-    *tensors, labels, chunk_rows = inputs
-    _, row_acc, *_ = _chunked_pass(*tensors, labels, opts, chunk_rows, False, False, False, None)
-    total = _row_weights(row_acc, valid, opts["reject_weight"]).sum()
+    total = row_weights(row_acc, valid, opts["reject_weight"]).sum()
     inv = torch.where(total > 0, 1.0 / total.clamp_min(1e-30), torch.zeros_like(total))
     return (grad_loss.float() * inv).expand(valid.shape[0])
 

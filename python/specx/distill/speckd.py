@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from specx.ops import valid_rows
+
 __all__ = ["speckd_loss", "SpecKDLoss", "speckd_stats"]
 
 
@@ -13,7 +15,7 @@ def speckd_stats(row_divergence: Tensor, row_accepted: Tensor, labels: Tensor | 
                  ignore_index: int) -> dict[str, Tensor]:
     """Acceptance rate (the paper's TAR) and mean divergence over the non-ignored rows, as
     0-d tensors (reading them does not synchronise until you call ``.item()``)."""
-    valid = torch.ones_like(row_divergence) if labels is None else labels.reshape(-1).ne(ignore_index).float()
+    valid = valid_rows(labels, ignore_index, row_divergence.numel(), row_divergence.device)
     count = valid.sum().clamp_min(1.0)
     return {
         "acceptance_rate": (row_accepted.float() * valid).sum() / count,
