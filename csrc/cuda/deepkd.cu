@@ -15,17 +15,10 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 
 template <typename T>
 cudaError_t launch_typed(const DeepKDParams& prm, cudaStream_t stream) {
-  constexpr int64_t kAlign = 16 / sizeof(T);
-  const int64_t elem_pair = 2 * static_cast<int64_t>(sizeof(T));
-  auto slice_for = [&](int c) { return ((prm.classes + c - 1) / c + kAlign - 1) / kAlign * kAlign; };
-  int cluster = 1;
-  while (cluster < kMaxCluster && slice_for(cluster) * elem_pair > kPreferredSliceBytes) cluster *= 2;
-  const int64_t slice = slice_for(cluster);
-  const bool cached = slice * elem_pair <= kMaxSliceBytes;
-  const size_t smem = cached ? static_cast<size_t>(slice * elem_pair) : 0;
-
-  return launch_row_clusters(deepkd_cuda::deepkd_rows_kernel<T>, prm.rows, cluster, deepkd_cuda::kThreads, smem, stream,
-                             prm, static_cast<int>(slice), cached);
+  const SlicePlan plan = plan_row_slices(prm.classes, prm.rows, 2 * static_cast<int64_t>(sizeof(T)),
+                                         16 / sizeof(T), kPreferredSliceBytes, kMaxSliceBytes, kMaxCluster);
+  return launch_row_clusters(deepkd_cuda::deepkd_rows_kernel<T>, prm.rows, plan, deepkd_cuda::kThreads, stream, prm,
+                             static_cast<int>(plan.slice), plan.cached);
 }
 
 }  // namespace

@@ -29,22 +29,15 @@ const int kMaxCluster = std::min(16, env_or("SPECX_SPECKD_MAX_CLUSTER", 8));
 template <typename T, typename TG, Divergence kDiv>
 cudaError_t launch_typed(const SpecKDParams& prm, cudaStream_t stream) {
   const int64_t elem_pair = 2 * static_cast<int64_t>(sizeof(T));
-  constexpr int64_t kAlign = 16 / sizeof(T);
   int sms = 0, device = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
 
-  auto slice_for = [&](int c) { return ((prm.vocab + c - 1) / c + kAlign - 1) / kAlign * kAlign; };
-  int cluster = 1;
-  while (cluster < kMaxCluster && slice_for(cluster) * elem_pair > kPreferredSliceBytes) cluster *= 2;
   // Few rows: spread each row over more SMs.
-  while (cluster < kMaxCluster && prm.rows * cluster < 2 * sms && slice_for(cluster) > 4 * kThreads) cluster *= 2;
-  const int64_t slice = slice_for(cluster);
-  const bool cached = slice * elem_pair <= kMaxSliceBytes;
-  const size_t smem = cached ? static_cast<size_t>(slice * elem_pair) : 0;
-
-  return launch_row_clusters(speckd_cuda::speckd_rows_kernel<T, TG, kDiv>, prm.rows, cluster, kThreads, smem, stream,
-                             prm, static_cast<int>(slice), cached);
+  const SlicePlan plan = plan_row_slices(prm.vocab, prm.rows, elem_pair, 16 / sizeof(T), kPreferredSliceBytes,
+                                         kMaxSliceBytes, kMaxCluster, 2 * sms, 4 * kThreads);
+  return launch_row_clusters(speckd_cuda::speckd_rows_kernel<T, TG, kDiv>, prm.rows, plan, kThreads, stream, prm,
+                             static_cast<int>(plan.slice), plan.cached);
 }
 
 template <typename T, typename TG>

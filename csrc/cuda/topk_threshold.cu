@@ -15,17 +15,10 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 
 template <typename T>
 cudaError_t launch_typed(const TopKThresholdParams& prm, cudaStream_t stream) {
-  constexpr int64_t kAlign = 16 / sizeof(T);
-  auto slice_for = [&](int c) { return ((prm.cols + c - 1) / c + kAlign - 1) / kAlign * kAlign; };
-  int cluster = 1;
-  while (cluster < kMaxCluster && slice_for(cluster) * static_cast<int64_t>(sizeof(T)) > kPreferredSliceBytes)
-    cluster *= 2;
-  const int64_t slice = slice_for(cluster);
-  const bool cached = slice * static_cast<int64_t>(sizeof(T)) <= kMaxSliceBytes;
-  const size_t smem = cached ? static_cast<size_t>(slice * sizeof(T)) : 0;
-
-  return launch_row_clusters(topk_cuda::topk_threshold_kernel<T>, prm.rows, cluster, topk_cuda::kThreads, smem, stream,
-                             prm, static_cast<int>(slice), cached);
+  const SlicePlan plan = plan_row_slices(prm.cols, prm.rows, static_cast<int64_t>(sizeof(T)),
+                                         16 / sizeof(T), kPreferredSliceBytes, kMaxSliceBytes, kMaxCluster);
+  return launch_row_clusters(topk_cuda::topk_threshold_kernel<T>, prm.rows, plan, topk_cuda::kThreads, stream, prm,
+                             static_cast<int>(plan.slice), plan.cached);
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// Launch of a cluster-per-row kernel: `rows` clusters of `cluster` blocks each.
+// Planning and launch of the cluster-per-row kernels: each row is split into equal slices, one
+// per block of a thread-block cluster, cached in shared memory when they fit.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -7,9 +8,34 @@
 
 namespace specx {
 
+struct SlicePlan {
+  int cluster;       // blocks per row
+  int64_t slice;     // elements per block (a multiple of `align`)
+  bool cached;       // the slice fits in shared memory
+  size_t smem_bytes;
+};
+
+// The smallest cluster (a power of two up to max_cluster) whose slice, at bytes_per_element,
+// fits preferred_bytes; grown further while fewer than min_blocks blocks would run, as long as
+// slices keep at least min_slice elements.
+inline SlicePlan plan_row_slices(int64_t row_len, int64_t rows, int64_t bytes_per_element, int64_t align,
+                                 int64_t preferred_bytes, int64_t max_bytes, int max_cluster,
+                                 int64_t min_blocks = 0, int64_t min_slice = 0) {
+  auto slice_for = [&](int c) { return ((row_len + c - 1) / c + align - 1) / align * align; };
+  int cluster = 1;
+  while (cluster < max_cluster && slice_for(cluster) * bytes_per_element > preferred_bytes) cluster *= 2;
+  while (cluster < max_cluster && rows * cluster < min_blocks && slice_for(cluster) > min_slice) cluster *= 2;
+  const int64_t slice = slice_for(cluster);
+  const bool cached = slice * bytes_per_element <= max_bytes;
+  return {cluster, slice, cached, cached ? static_cast<size_t>(slice * bytes_per_element) : 0};
+}
+
+// Launches `kernel` on `rows` clusters of plan.cluster blocks.
 template <typename... KernelArgs, typename... Args>
-cudaError_t launch_row_clusters(void (*kernel)(KernelArgs...), int64_t rows, int cluster, int threads,
-                                size_t smem_bytes, cudaStream_t stream, Args&&... args) {
+cudaError_t launch_row_clusters(void (*kernel)(KernelArgs...), int64_t rows, const SlicePlan& plan, int threads,
+                                cudaStream_t stream, Args&&... args) {
+  const int cluster = plan.cluster;
+  const size_t smem_bytes = plan.smem_bytes;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
   if (err == cudaSuccess && cluster > 8)  // beyond the portable size
