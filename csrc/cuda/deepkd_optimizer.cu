@@ -57,13 +57,10 @@ int deepkd_sgd_step_cuda(const DeepKDSgdTensor* tensors, const DeepKDSgdChunk* c
   if (num_chunks == 0) return cudaSuccess;
   const auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned>(num_chunks));
-  switch (dtype) {
-    case DType::kFloat32: deepkd_sgd_kernel<float><<<grid, kThreads, 0, s>>>(tensors, chunks, coefs); break;
-    case DType::kFloat16: deepkd_sgd_kernel<__half><<<grid, kThreads, 0, s>>>(tensors, chunks, coefs); break;
-    case DType::kBFloat16:
-      deepkd_sgd_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(tensors, chunks, coefs);
-      break;
-  }
+  dispatch_dtype(dtype, [&](auto zero) {
+    deepkd_sgd_kernel<decltype(zero)><<<grid, kThreads, 0, s>>>(tensors, chunks, coefs);
+    return 0;
+  });
   return static_cast<int>(cudaGetLastError());
 }
 

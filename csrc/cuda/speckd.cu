@@ -80,29 +80,23 @@ int scale_rows_cuda(void* grad, DType dtype, int64_t rows, int64_t vocab, const 
                     void* stream) {
   if (rows * vocab == 0) return cudaSuccess;
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32: return launch_scale<float>(grad, rows, vocab, scale, per_row, s);
-    case DType::kFloat16: return launch_scale<__half>(grad, rows, vocab, scale, per_row, s);
-    case DType::kBFloat16: return launch_scale<__nv_bfloat16>(grad, rows, vocab, scale, per_row, s);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto zero) {
+    return launch_scale<decltype(zero)>(grad, rows, vocab, scale, per_row, s);
+  });
 }
 
 int speckd_rows_cuda(const SpecKDParams& prm, void* stream) {
   if (prm.rows == 0) return cudaSuccess;
   const auto s = static_cast<cudaStream_t>(stream);
   cudaError_t err = cudaErrorInvalidValue;
-  switch (prm.dtype) {
-    case DType::kFloat32:
-      // fp32 logits (fused-linear chunks) may hand their gradient straight to a bf16 / fp16 GEMM.
-      switch (prm.grad_dtype) {
-        case DType::kFloat32: err = launch_divergence<float, float>(prm, s); break;
-        case DType::kFloat16: err = launch_divergence<float, __half>(prm, s); break;
-        case DType::kBFloat16: err = launch_divergence<float, __nv_bfloat16>(prm, s); break;
-      }
-      break;
-    case DType::kFloat16: err = launch_divergence<__half, __half>(prm, s); break;
-    case DType::kBFloat16: err = launch_divergence<__nv_bfloat16, __nv_bfloat16>(prm, s); break;
+  if (prm.dtype == DType::kFloat32) {
+    // fp32 logits (fused-linear chunks) may hand their gradient straight to a bf16 / fp16 GEMM.
+    err = dispatch_dtype(prm.grad_dtype, [&](auto zero) { return launch_divergence<float, decltype(zero)>(prm, s); });
+  } else {
+    err = dispatch_dtype(prm.dtype, [&](auto zero) {
+      using T = decltype(zero);
+      return launch_divergence<T, T>(prm, s);
+    });
   }
   if (err == cudaSuccess) err = cudaGetLastError();
   return static_cast<int>(err);

@@ -26,12 +26,7 @@ cudaError_t launch_typed(const TopKThresholdParams& prm, cudaStream_t stream) {
 int topk_threshold_cuda(const TopKThresholdParams& prm, void* stream) {
   if (prm.rows == 0) return cudaSuccess;
   const auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t err = cudaErrorInvalidValue;
-  switch (prm.dtype) {
-    case DType::kFloat32: err = launch_typed<float>(prm, s); break;
-    case DType::kFloat16: err = launch_typed<__half>(prm, s); break;
-    case DType::kBFloat16: err = launch_typed<__nv_bfloat16>(prm, s); break;
-  }
+  cudaError_t err = dispatch_dtype(prm.dtype, [&](auto zero) { return launch_typed<decltype(zero)>(prm, s); });
   if (err == cudaSuccess) err = cudaGetLastError();
   return static_cast<int>(err);
 }

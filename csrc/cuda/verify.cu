@@ -311,23 +311,13 @@ int verify_greedy_cuda(const VerifyParams& p, void* stream, int* counters) {
     verify_greedy_argmax_kernel<<<static_cast<unsigned>(p.batch), kWalkThreads, 0, st>>>(p);
     return cudaGetLastError();
   }
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_greedy_logits<float>(p, st, counters);
-    case DType::kFloat16: return launch_greedy_logits<__half>(p, st, counters);
-    case DType::kBFloat16: return launch_greedy_logits<__nv_bfloat16>(p, st, counters);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto zero) { return launch_greedy_logits<decltype(zero)>(p, st, counters); });
 }
 
 int verify_sample_cuda(const VerifyParams& p, void* stream) {
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (p.batch == 0) return 0;
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_sample<float>(p, st);
-    case DType::kFloat16: return launch_sample<__half>(p, st);
-    case DType::kBFloat16: return launch_sample<__nv_bfloat16>(p, st);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto zero) { return launch_sample<decltype(zero)>(p, st); });
 }
 
 }  // namespace specx

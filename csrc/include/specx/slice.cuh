@@ -1,12 +1,25 @@
 // Element types and the row-slice loader shared by the cluster-per-row kernels (SpecKD,
 // DeepKD, top-k threshold): torch-free.
 #pragma once
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <type_traits>
 
+#include "specx/common.h"
+
 namespace specx {
+
+// Calls f(T()) with T the CUDA element type of `dtype` and returns its result.
+template <typename F>
+auto dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat16: return f(__half());
+    case DType::kBFloat16: return f(__nv_bfloat16());
+    default: return f(float());
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
@@ -42,6 +55,28 @@ struct alignas(16) Pack {
   static constexpr int kN = 16 / sizeof(T);
   T v[kN];
 };
+
+// The part of a row that this block of a cluster-per-row launch owns: row blockIdx.x / cluster
+// size, elements [begin, begin + len) of it.
+struct RowSlice {
+  int nblocks;
+  int rank;
+  int64_t row;
+  int64_t begin;
+  int len;
+};
+
+__device__ __forceinline__ RowSlice this_row_slice(int64_t row_len, int slice_len) {
+  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  RowSlice r;
+  r.nblocks = static_cast<int>(cluster.num_blocks());
+  r.rank = static_cast<int>(cluster.block_rank());
+  r.row = blockIdx.x / r.nblocks;
+  r.begin = static_cast<int64_t>(r.rank) * slice_len;
+  const int64_t left = row_len - r.begin;
+  r.len = left <= 0 ? 0 : static_cast<int>(left < slice_len ? left : slice_len);
+  return r;
+}
 
 // Streams a block's slice of two rows (len elements from gs and gt) in once: copies it to
 // shared memory (cs, ct) when `cached`, and calls visit(local index, s, t) on every element.

@@ -5,8 +5,6 @@
 
 namespace specx {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
 struct SpecKDParams {
   const void* student;        // [rows, vocab], contiguous
   const void* teacher;        // [rows, vocab], contiguous, same dtype as student

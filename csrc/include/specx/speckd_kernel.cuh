@@ -124,12 +124,8 @@ template <typename T, typename TG, Divergence kDiv>
 __global__ void __launch_bounds__(kThreads, 3)
     speckd_rows_kernel(const SpecKDParams prm, const int slice_len, const bool cached) {
   cg::cluster_group cluster = cg::this_cluster();
-  const int nblocks = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int64_t row = blockIdx.x / nblocks;
   const int64_t V = prm.vocab;
-  const int64_t begin = static_cast<int64_t>(rank) * slice_len;
-  const int len = V - begin <= 0 ? 0 : static_cast<int>(V - begin < slice_len ? V - begin : slice_len);
+  const auto [nblocks, rank, row, begin, len] = this_row_slice(V, slice_len);
   const T* gs = static_cast<const T*>(prm.student) + row * V + begin;
   const T* gt = static_cast<const T*>(prm.teacher) + row * V + begin;
   TG* grad = prm.grad ? static_cast<TG*>(prm.grad) + row * V + begin : nullptr;

@@ -165,12 +165,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     topk_threshold_kernel(const TopKThresholdParams prm, const int slice_len, const bool cached) {
   cg::cluster_group cluster = cg::this_cluster();
-  const int nblocks = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int64_t row = blockIdx.x / nblocks;
   const int64_t C = prm.cols;
-  const int64_t begin = static_cast<int64_t>(rank) * slice_len;
-  const int len = C - begin <= 0 ? 0 : static_cast<int>(C - begin < slice_len ? C - begin : slice_len);
+  const auto [nblocks, rank, row, begin, len] = this_row_slice(C, slice_len);
   const T* g = static_cast<const T*>(prm.logits) + row * C + begin;
   const bool global_vec = reinterpret_cast<uintptr_t>(g) % 16 == 0;
 
