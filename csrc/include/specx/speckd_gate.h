@@ -4,25 +4,10 @@
 #pragma once
 #include <cmath>
 #include <cstring>
+#include "specx/exact.h"
 #include "specx/philox.h"
 
 namespace specx {
-
-SPECX_HD float exact_mul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-SPECX_HD float exact_add(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
 
 // exp(x) for x <= 0 as mant * 2^exp2 (mant in [0.7, 1.42]), from Cephes' exp2f polynomial.
 struct DetExp {

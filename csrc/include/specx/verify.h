@@ -1,6 +1,7 @@
 // Greedy and sampling verification of a draft tree: torch-free interface and the arithmetic
 // that the CPU and CUDA paths share bit for bit.
 #pragma once
+#include "specx/exact.h"
 #include "specx/philox.h"
 #include "specx/speckd.h"  // DType
 
@@ -39,30 +40,6 @@ SPECX_HD VerifyDraw tree_verify_draw(uint64_t seed, uint32_t seq, uint32_t offse
   const Philox4 r = philox4x32_10(Philox4{{seq, offset, (depth << 16) | (trial & 0xFFFFu), kTreeVerifyTag}},
                                   static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   return {uniform53(r.v[0], r.v[1]), uniform53(r.v[2], r.v[3])};
-}
-
-SPECX_HD double exact_dmul(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-SPECX_HD double exact_dsub(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-
-SPECX_HD double exact_ddiv(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
 }
 
 // Draft-mode residual max(p - coef * q, 0) at one token, in 2^-52 fixed point, p = weight / total.
