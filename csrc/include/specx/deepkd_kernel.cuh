@@ -98,24 +98,6 @@ __device__ __forceinline__ void write_grads(T* g0, T* g1, T* g2, const T* s, con
   }
 }
 
-// Calls f(i, s, t) with the raw values of a slice, 16 bytes at a time where `vec`.
-template <typename T, typename F>
-__device__ __forceinline__ void for_each_raw_pair(const T* s, const T* t, int len, bool vec, F&& f) {
-  constexpr int kN = Pack<T>::kN;
-  int scalar_from = 0;
-  if (vec) {
-    const int nvec = len / kN;
-    for (int v = threadIdx.x; v < nvec; v += kThreads) {
-      const Pack<T> a = reinterpret_cast<const Pack<T>*>(s)[v];
-      const Pack<T> b = reinterpret_cast<const Pack<T>*>(t)[v];
-#pragma unroll
-      for (int e = 0; e < kN; ++e) f(v * kN + e, a.v[e], b.v[e]);
-    }
-    scalar_from = nvec * kN;
-  }
-  for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) f(i, s[i], t[i]);
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     deepkd_rows_kernel(const DeepKDParams prm, const int slice_len, const bool cached) {
@@ -188,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (select) {
     bool done = sel.resolve(cluster);
     while (!done) {
-      for_each_raw_pair(rs, rt, len, vec, [&](int, T, T t) { sel.add(key_of(t)); });
+      for_each_pair<kThreads>(rs, rt, len, vec, [&](int, T, T t) { sel.add(key_of(t)); });
       done = sel.resolve(cluster);
     }
     thr_key = sel.prefix;
@@ -198,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       tie.init(&select_shared, index_bits(C), sel.remaining, sel.pass);
       bool tie_done = false;
       while (!tie_done) {
-        for_each_raw_pair(rs, rt, len, vec, [&](int i, T, T t) {
+        for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T, T t) {
           if (key_of(t) == thr_key) tie.add(static_cast<uint32_t>(C - 1 - (begin + i)));
         });
         tie_done = tie.resolve(cluster);
@@ -213,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // Pass 2: the sums.
   RowSums sums{0.f, 0.f, 0.f, 0.f, 0.f, -INFINITY, 0.f, 0.f};
-  for_each_raw_pair(rs, rt, len, vec, [&](int i, T sv, T tv) {
+  for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T sv, T tv) {
     const int64_t j = begin + i;
     const float s = to_float(sv);
     sums.sum_s1 += fast_exp2((s - m1) * kLog2e);

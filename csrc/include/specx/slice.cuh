@@ -78,6 +78,25 @@ __device__ __forceinline__ RowSlice this_row_slice(int64_t row_len, int slice_le
   return r;
 }
 
+// Calls visit(local index, s, t) on every element of a slice already in memory (shared or
+// global), 16 bytes at a time where `vectorized`.
+template <int kThreads, typename T, typename F>
+__device__ __forceinline__ void for_each_pair(const T* s, const T* t, int len, bool vectorized, F&& visit) {
+  constexpr int kN = Pack<T>::kN;
+  int scalar_from = 0;
+  if (vectorized) {
+    const int nvec = len / kN;
+    for (int v = threadIdx.x; v < nvec; v += kThreads) {
+      const Pack<T> a = reinterpret_cast<const Pack<T>*>(s)[v];
+      const Pack<T> b = reinterpret_cast<const Pack<T>*>(t)[v];
+#pragma unroll
+      for (int e = 0; e < kN; ++e) visit(v * kN + e, a.v[e], b.v[e]);
+    }
+    scalar_from = nvec * kN;
+  }
+  for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) visit(i, s[i], t[i]);
+}
+
 // Streams a block's slice of two rows (len elements from gs and gt) in once: copies it to
 // shared memory (cs, ct) when `cached`, and calls visit(local index, s, t) on every element.
 // kUnroll 16-byte loads per tensor are in flight per thread before the first use; each

@@ -57,23 +57,10 @@ __device__ __forceinline__ FixedTotals combine(FixedTotals a, FixedTotals b) {
   return {a.zq + b.zq, a.zp + b.zp};
 }
 
-// Visits every element of a slice as (local index, student value, teacher value); 16-byte
-// accesses where the pointers allow them.
+// for_each_pair with the values converted to float.
 template <typename T, typename F>
-__device__ __forceinline__ void for_each_pair(const T* s, const T* t, int len, bool vec, F&& f) {
-  constexpr int kN = Pack<T>::kN;
-  int scalar_from = 0;
-  if (vec) {
-    const int nvec = len / kN;
-    for (int v = threadIdx.x; v < nvec; v += kThreads) {
-      const Pack<T> a = reinterpret_cast<const Pack<T>*>(s)[v];
-      const Pack<T> b = reinterpret_cast<const Pack<T>*>(t)[v];
-#pragma unroll
-      for (int e = 0; e < kN; ++e) f(v * kN + e, to_float(a.v[e]), to_float(b.v[e]));
-    }
-    scalar_from = nvec * kN;
-  }
-  for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) f(i, to_float(s[i]), to_float(t[i]));
+__device__ __forceinline__ void for_each_float_pair(const T* s, const T* t, int len, bool vec, F&& f) {
+  for_each_pair<kThreads>(s, t, len, vec, [&](int i, T a, T b) { f(i, to_float(a), to_float(b)); });
 }
 
 // Writes grad[i] = f(s_i, t_i) over a slice (in the gradient's own dtype TG), one 16-byte
@@ -175,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int64_t y = rmax.arg_s < V ? rmax.arg_s : 0;  // all -inf: torch.argmax's answer, 0
   const float t_at_y = to_float(static_cast<const T*>(prm.teacher)[row * V + y]);
   RowSums sums{0.0f, 0.0f, 0.0f, 0};
-  for_each_pair(rs, rt, len, vec, [&](int, float s, float t) {
+  for_each_float_pair(rs, rt, len, vec, [&](int, float s, float t) {
     const float ds = s - rmax.max_s, dt = t - rmax.max_t;
     const float es = fast_exp2(ds * scale2), et = fast_exp2(dt * scale2);
     sums.sum_s += es;
@@ -272,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     div_g = div_d;
   } else {
     RowMix mix{0.0f, 0.0f};
-    for_each_pair(rs, rt, len, vec, [&](int, float s, float t) {
+    for_each_float_pair(rs, rt, len, vec, [&](int, float s, float t) {
       const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
       const float q = fast_exp2(lq * kLog2e), p = fast_exp2(lp * kLog2e);
       const DivergenceTerms<float> term = mixture_terms<float>(kDiv, prm.mix, lp, lq, p, q);
