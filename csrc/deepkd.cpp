@@ -9,14 +9,11 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_launch.h"
 #include "ops.h"
 #include "specx/topk_threshold.h"
 #include "topk_host.h"
 
-#ifdef SPECX_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace specx {
 namespace {
@@ -183,13 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.temperature = static_cast<float>(temperature);
   p.dtype = dtype;
   if (s.is_cuda()) {
-#ifdef SPECX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(s.device());
-    const int err = deepkd_rows_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == 0, "deepkd_losses: CUDA kernel failed with error code ", err);
-#else
-    TORCH_CHECK(false, "deepkd_losses: specx was built without CUDA kernels");
-#endif
+    launch_on_cuda(s.device(), "deepkd_losses", [&](void* stream) { return deepkd_rows_cuda(p, stream); });
   } else {
     TORCH_CHECK_VALUE(s.is_cpu(), "deepkd_losses: unsupported device ", s.device());
     if (rows > 0) {

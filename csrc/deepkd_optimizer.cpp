@@ -8,14 +8,11 @@
 #include <optional>
 #include <vector>
 
+#include "cuda_launch.h"
 #include "ops.h"
 #include "specx/deepkd_optimizer.h"
 #include "topk_host.h"
 
-#ifdef SPECX_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace specx {
 namespace {
@@ -74,16 +71,15 @@ void update_cpu(const DeepKDSgdTensor& t, const DeepKDSgdCoefs& c) {
   });
 }
 
-#ifdef SPECX_WITH_CUDA
 // One launch for tensors of one dtype: descriptors and chunks go to the device in one copy.
-void launch_cuda_group(const std::vector<DeepKDSgdTensor>& tensors, DType dtype, const DeepKDSgdCoefs& coefs,
-                       const at::Device& device) {
+int launch_cuda_group(const std::vector<DeepKDSgdTensor>& tensors, DType dtype, const DeepKDSgdCoefs& coefs,
+                      const at::Device& device, void* stream) {
   std::vector<DeepKDSgdChunk> chunks;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const int64_t n = (tensors[i].numel + kDeepKDSgdChunkSize - 1) / kDeepKDSgdChunkSize;
     for (int64_t c = 0; c < n; ++c) chunks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
   }
-  if (chunks.empty()) return;
+  if (chunks.empty()) return 0;
   const size_t tensor_bytes = tensors.size() * sizeof(DeepKDSgdTensor);
   const size_t bytes = tensor_bytes + chunks.size() * sizeof(DeepKDSgdChunk);
   at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
@@ -92,11 +88,8 @@ void launch_cuda_group(const std::vector<DeepKDSgdTensor>& tensors, DType dtype,
   const at::Tensor dev = host.to(device, /*non_blocking=*/true);
   const auto* dev_tensors = reinterpret_cast<const DeepKDSgdTensor*>(dev.data_ptr());
   const auto* dev_chunks = reinterpret_cast<const DeepKDSgdChunk*>(static_cast<const char*>(dev.data_ptr()) + tensor_bytes);
-  const int err = deepkd_sgd_step_cuda(dev_tensors, dev_chunks, static_cast<int64_t>(chunks.size()), dtype, coefs,
-                                       c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "deepkd_sgd_step_: CUDA kernel failed with error code ", err);
+  return deepkd_sgd_step_cuda(dev_tensors, dev_chunks, static_cast<int64_t>(chunks.size()), dtype, coefs, stream);
 }
-#endif
 
 }  // namespace
 
@@ -143,12 +136,10 @@ void deepkd_sgd_step_(at::TensorList params, const GradList& grads_task, const G
     groups[float_dtype(param.scalar_type(), "deepkd_sgd_step_: params")].push_back(t);
   }
   if (device.is_cuda()) {
-#ifdef SPECX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(device);
-    for (const auto& [dtype, tensors] : groups) launch_cuda_group(tensors, dtype, coefs, device);
-#else
-    TORCH_CHECK(false, "deepkd_sgd_step_: specx was built without CUDA kernels");
-#endif
+    for (const auto& [dtype, tensors] : groups) {
+      launch_on_cuda(device, "deepkd_sgd_step_",
+                     [&](void* stream) { return launch_cuda_group(tensors, dtype, coefs, device, stream); });
+    }
     return;
   }
   TORCH_CHECK_VALUE(device.is_cpu(), "deepkd_sgd_step_: unsupported device ", device);

@@ -10,14 +10,11 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_launch.h"
 #include "ops.h"
 #include "specx/speckd.h"
 #include "specx/speckd_gate.h"
 
-#ifdef SPECX_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace specx {
 namespace {
@@ -247,13 +244,7 @@ void speckd_rows_cpu(const SpecKDParams& p) {
 void launch(const RowKernelArgs& a) {
   const SpecKDParams& p = a.prm;
   if (a.student.is_cuda()) {
-#ifdef SPECX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(a.student.device());
-    const int err = speckd_rows_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == 0, "speckd: CUDA kernel failed with error code ", err);
-#else
-    TORCH_CHECK(false, "speckd: specx was built without CUDA kernels");
-#endif
+    launch_on_cuda(a.student.device(), "speckd", [&](void* stream) { return speckd_rows_cuda(p, stream); });
     return;
   }
   TORCH_CHECK_VALUE(a.student.is_cpu(), "speckd: unsupported device ", a.student.device());
@@ -331,15 +322,15 @@ void scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
   TORCH_CHECK_VALUE(scale.device() == grad.device(), "scale_grad_: scale must be on ", grad.device());
   if (grad.numel() == 0) return;
   const at::Tensor s = scale.to(at::kFloat).contiguous();
-  if (grad.is_cuda()) {
 #ifdef SPECX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(grad.device());
-    const int err = scale_rows_cuda(grad.data_ptr(), parse_dtype(grad.scalar_type()), rows, vocab,
-                                    s.data_ptr<float>(), s.numel() != 1, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == 0, "scale_grad_: CUDA kernel failed with error code ", err);
+  if (grad.is_cuda()) {
+    launch_on_cuda(grad.device(), "scale_grad_", [&](void* stream) {
+      return scale_rows_cuda(grad.data_ptr(), parse_dtype(grad.scalar_type()), rows, vocab, s.data_ptr<float>(),
+                             s.numel() != 1, stream);
+    });
     return;
-#endif
   }
+#endif
   grad.view({rows, vocab}).mul_(s.view({-1, 1}));
 }
 

@@ -7,14 +7,11 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_launch.h"
 #include "ops.h"
 #include "specx/topk_threshold.h"
 #include "topk_host.h"
 
-#ifdef SPECX_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace specx {
 namespace {
@@ -55,13 +52,7 @@ std::tuple<at::Tensor, at::Tensor> topk_threshold(const at::Tensor& logits, int6
   p.k = k;
   p.dtype = dtype;
   if (x.is_cuda()) {
-#ifdef SPECX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    const int err = topk_threshold_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == 0, "topk_threshold: CUDA kernel failed with error code ", err);
-#else
-    TORCH_CHECK(false, "topk_threshold: specx was built without CUDA kernels");
-#endif
+    launch_on_cuda(x.device(), "topk_threshold", [&](void* stream) { return topk_threshold_cuda(p, stream); });
     return {threshold, count};
   }
   TORCH_CHECK_VALUE(x.is_cpu(), "topk_threshold: unsupported device ", x.device());

@@ -8,13 +8,10 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_launch.h"
 #include "ops.h"
 #include "specx/tree.h"
 
-#ifdef SPECX_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace specx {
 namespace {
@@ -217,13 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.mode = mode == "backbone" ? TreeMode::kBackbone : TreeMode::kTopkExpand;
   if (batch > 0) {
     if (cuda) {
-#ifdef SPECX_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(candidate_tokens.device());
-      const int err = build_tree_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-      TORCH_CHECK(err == 0, "build_tree: CUDA kernel failed with error code ", err);
-#else
-      TORCH_CHECK(false, "build_tree: specx was built without CUDA kernels");
-#endif
+      launch_on_cuda(candidate_tokens.device(), "build_tree", [&](void* stream) { return build_tree_cuda(p, stream); });
     } else {
       at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t b = lo; b < hi; ++b) build_tree_row(p, b);
@@ -271,14 +262,8 @@ void compact_kv(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& lengths, c
   p.row_bytes = k_cache.numel() == 0 ? 0 : k_cache.size(2) * k_cache.size(3) * k_cache.element_size();
   p.path_stride = nodes.size(1);
   if (k_cache.is_cuda()) {
-#ifdef SPECX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(k_cache.device());
-    const int err = compact_kv_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == 0, "compact_kv: CUDA kernel failed with error code ", err);
+    launch_on_cuda(k_cache.device(), "compact_kv", [&](void* stream) { return compact_kv_cuda(p, stream); });
     return;
-#else
-    TORCH_CHECK(false, "compact_kv: specx was built without CUDA kernels");
-#endif
   }
   // Check everything before moving anything, so a bad sequence leaves the caches untouched.
   for (int64_t b = 0; b < batch; ++b) {

@@ -12,13 +12,10 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_launch.h"
 #include "ops.h"
 #include "specx/tree_attention.h"
 
-#ifdef SPECX_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace specx {
 namespace {
@@ -216,22 +213,18 @@ std::tuple<at::Tensor, at::Tensor> tree_attention(const at::Tensor& q, const at:
   }
 
   if (q.is_cuda()) {
-#ifdef SPECX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(q.device());
-    p.splits = tree_attention_cuda_splits(p, static_cast<int>(std::min<int64_t>(num_splits, 1 << 20)));
-    at::Tensor partial_out, partial_lse;
-    if (p.splits > 1) {
-      const auto fopts = q.options().dtype(at::kFloat);
-      partial_out = at::empty({p.splits, B, T_, Hq, D}, fopts);
-      partial_lse = at::empty({p.splits, B, T_, Hq}, fopts);
-      p.partial_out = partial_out.data_ptr<float>();
-      p.partial_lse = partial_lse.data_ptr<float>();
-    }
-    const int err = tree_attention_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == 0, "tree_attention: CUDA kernel failed with error code ", err);
-#else
-    TORCH_CHECK(false, "tree_attention: specx was built without CUDA kernels");
-#endif
+    launch_on_cuda(q.device(), "tree_attention", [&](void* stream) {
+      p.splits = tree_attention_cuda_splits(p, static_cast<int>(std::min<int64_t>(num_splits, 1 << 20)));
+      at::Tensor partial_out, partial_lse;
+      if (p.splits > 1) {
+        const auto fopts = q.options().dtype(at::kFloat);
+        partial_out = at::empty({p.splits, B, T_, Hq, D}, fopts);
+        partial_lse = at::empty({p.splits, B, T_, Hq}, fopts);
+        p.partial_out = partial_out.data_ptr<float>();
+        p.partial_lse = partial_lse.data_ptr<float>();
+      }
+      return tree_attention_cuda(p, stream);
+    });
     return {out, lse};
   }
   TORCH_CHECK_VALUE(q.is_cpu(), "tree_attention: unsupported device ", q.device());

@@ -11,15 +11,12 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_launch.h"
 #include "ops.h"
 #include "specx/speckd_gate.h"
 #include "specx/tree.h"
 #include "specx/verify.h"
 
-#ifdef SPECX_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace specx {
 namespace {
@@ -305,15 +302,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy(const at::Tensor& n
   VerifyOutputs o = make_outputs(a, p);
   if (a.batch == 0) return {o.accepted_nodes, o.accept_len, o.next_token};
   if (node_tokens.is_cuda()) {
-#ifdef SPECX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(node_tokens.device());
-    // Per-sequence counters for the fused argmax's last-block hand-off.
-    at::Tensor workspace = at::zeros({a.batch}, node_tokens.options().dtype(at::kInt));
-    const int err = verify_greedy_cuda(p, c10::cuda::getCurrentCUDAStream().stream(), workspace.data_ptr<int>());
-    TORCH_CHECK(err == 0, "verify_greedy: CUDA kernel failed with error code ", err);
-#else
-    TORCH_CHECK(false, "verify_greedy: specx was built without CUDA kernels");
-#endif
+    launch_on_cuda(node_tokens.device(), "verify_greedy", [&](void* stream) {
+      // Per-sequence counters for the fused argmax's last-block hand-off.
+      at::Tensor workspace = at::zeros({a.batch}, node_tokens.options().dtype(at::kInt));
+      return verify_greedy_cuda(p, stream, workspace.data_ptr<int>());
+    });
   } else {
     std::function<int64_t(int64_t, int)> argmax_at;
     if (given_argmax) {
@@ -377,13 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample(
   VerifyOutputs o = make_outputs(a, p);
   if (a.batch == 0) return {o.accepted_nodes, o.accept_len, o.next_token};
   if (node_tokens.is_cuda()) {
-#ifdef SPECX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(node_tokens.device());
-    const int err = verify_sample_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == 0, "verify_sample: CUDA kernel failed with error code ", err);
-#else
-    TORCH_CHECK(false, "verify_sample: specx was built without CUDA kernels");
-#endif
+    launch_on_cuda(node_tokens.device(), "verify_sample", [&](void* stream) { return verify_sample_cuda(p, stream); });
   } else {
     at::parallel_for(0, a.batch, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {

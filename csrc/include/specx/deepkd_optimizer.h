@@ -46,10 +46,8 @@ struct DeepKDSgdChunk {
 
 constexpr int64_t kDeepKDSgdChunkSize = 32768;
 
-#if defined(SPECX_WITH_CUDA) || defined(__CUDACC__)
 // `tensors` and `chunks` are device arrays. One launch.
 int deepkd_sgd_step_cuda(const DeepKDSgdTensor* tensors, const DeepKDSgdChunk* chunks, int64_t num_chunks,
                          DType dtype, const DeepKDSgdCoefs& coefs, void* stream);
-#endif
 
 }  // namespace specx

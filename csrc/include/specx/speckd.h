@@ -75,12 +75,10 @@ SPECX_HD DivergenceTerms<R> mixture_terms(Divergence div, R mix, R lp, R lq, R p
   return out;
 }
 
-#if defined(SPECX_WITH_CUDA) || defined(__CUDACC__)
 // Launches the fused row kernel on `stream` (a cudaStream_t). Returns a CUDA error code.
 int speckd_rows_cuda(const SpecKDParams& params, void* stream);
 // grad[r, :] *= scale[per_row ? r : 0]; a single scale equal to 1 returns without touching grad.
 int scale_rows_cuda(void* grad, DType dtype, int64_t rows, int64_t vocab, const float* scale, bool per_row,
                     void* stream);
-#endif
 
 }  // namespace specx

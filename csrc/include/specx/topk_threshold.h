@@ -97,9 +97,7 @@ struct DeepKDParams {
   DType dtype;
 };
 
-#if defined(SPECX_WITH_CUDA) || defined(__CUDACC__)
 int topk_threshold_cuda(const TopKThresholdParams& params, void* stream);
 int deepkd_rows_cuda(const DeepKDParams& params, void* stream);
-#endif
 
 }  // namespace specx

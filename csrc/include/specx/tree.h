@@ -60,11 +60,9 @@ struct CompactKVParams {
   int64_t path_stride;
 };
 
-#if defined(SPECX_WITH_CUDA) || defined(__CUDACC__)
 constexpr int kMaxTreeSizeCuda = 1024;
 constexpr int kMaxTopkCandidatesCuda = 8192;
 int build_tree_cuda(const BuildTreeParams& params, void* stream);
 int compact_kv_cuda(const CompactKVParams& params, void* stream);
-#endif
 
 }  // namespace specx

@@ -39,12 +39,10 @@ SPECX_HD bool tree_mask_bit(const int32_t* row_words, int64_t j) {
   return (static_cast<uint32_t>(row_words[j >> 5]) >> (j & 31)) & 1u;
 }
 
-#if defined(SPECX_WITH_CUDA) || defined(__CUDACC__)
 // The number of KV-length splits the CUDA kernel will use: `requested` if > 0, else a
 // heuristic from batch x heads_kv x query tiles against the SM count.
 int tree_attention_cuda_splits(const TreeAttentionParams& params, int requested);
 // Launches the kernel(s) on `stream` (a cudaStream_t). Returns a CUDA error code.
 int tree_attention_cuda(const TreeAttentionParams& params, void* stream);
-#endif
 
 }  // namespace specx

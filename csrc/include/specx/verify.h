@@ -74,9 +74,7 @@ SPECX_HD uint64_t top_p_need(double top_p, uint64_t total) {
   return need > 0 ? need : 1;  // the top token is always kept
 }
 
-#if defined(SPECX_WITH_CUDA) || defined(__CUDACC__)
 int verify_greedy_cuda(const VerifyParams& params, void* stream, int* workspace);
 int verify_sample_cuda(const VerifyParams& params, void* stream);
-#endif
 
 }  // namespace specx
