@@ -143,7 +143,6 @@ template <typename T>
 struct SampleRow {
   const T* logits;
   const uint64_t* w;
-  int64_t begin;
   float vmax;
   float inv_t;
   uint64_t tau;
@@ -310,7 +309,7 @@ __device__ SampleRow<T> load_row(const VerifyParams& p, const T* logits, const R
   float m = -INFINITY;
   verify_cuda::for_each_value(logits + sl.begin, sl.len, kSampleThreads, [&](float x) { m = fmaxf(m, x); });
   m = block_reduce(m, s.warp_max, [](float a, float b) { return fmaxf(a, b); });
-  SampleRow<T> row{logits, w, sl.begin, -INFINITY, p.inv_temperature, 0, 0};
+  SampleRow<T> row{logits, w, -INFINITY, p.inv_temperature, 0, 0};
   cluster_exchange(__float_as_uint(m), s, parity, [&](unsigned, unsigned long long v) {
     row.vmax = fmaxf(row.vmax, __uint_as_float(static_cast<uint32_t>(v)));
   });
