@@ -183,7 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(size <= (int64_t{1} << 20), "build_tree: the tree size must be <= 2^20; got ", size);
   const int64_t words = (size + 31) / 32;
   const at::Tensor tok = candidate_tokens.contiguous();
-  const at::Tensor lp = candidate_log_probs.to(at::kFloat).contiguous();
+  const at::Tensor lp = (candidate_log_probs.scalar_type() == at::kFloat ? candidate_log_probs
+                                                                         : candidate_log_probs.to(at::kFloat))
+                            .contiguous();
   const at::Tensor root = root_tokens.contiguous();
   const auto lopts = candidate_tokens.options();
   at::Tensor tokens = at::empty({batch, size}, lopts);

@@ -64,18 +64,16 @@ TreeArgs check_tree(const char* op, const at::Tensor& node_tokens, const at::Ten
     TORCH_CHECK_VALUE(num_nodes->device() == node_tokens.device(), op, ": num_nodes must be on ",
                       node_tokens.device());
     a.num_nodes = num_nodes->contiguous();
-  } else {
-    a.num_nodes = at::full({a.batch}, a.size, node_tokens.options());
   }
   if (node_tokens.is_cpu()) {
     // Values are checked here on the CPU; on CUDA the Python wrapper checks them (a device
     // sync), and the kernels treat a bad parent as a detached node.
     const int64_t* par = a.parents.data_ptr<int64_t>();
-    const int64_t* nn = a.num_nodes.data_ptr<int64_t>();
+    const int64_t* nn = a.num_nodes.defined() ? a.num_nodes.data_ptr<int64_t>() : nullptr;
     for (int64_t b = 0; b < a.batch; ++b) {
-      TORCH_CHECK_VALUE(nn[b] >= 1 && nn[b] <= a.size, op, ": num_nodes[", b, "] = ", nn[b], " must be in [1, ",
-                        a.size, "]");
-      for (int64_t i = 1; i < nn[b]; ++i) {
+      const int64_t n = tree_nodes(nn, b, a.size);
+      TORCH_CHECK_VALUE(n >= 1 && n <= a.size, op, ": num_nodes[", b, "] = ", n, " must be in [1, ", a.size, "]");
+      for (int64_t i = 1; i < n; ++i) {
         const int64_t pi = par[b * a.size + i];
         TORCH_CHECK_VALUE(pi >= 0 && pi < i, op, ": parents[", b, ", ", i, "] = ", pi,
                           " must be in [0, ", i, ") (a parent comes before its child)");
@@ -94,7 +92,7 @@ VerifyOutputs make_outputs(const TreeArgs& a, VerifyParams& p) {
   VerifyOutputs o{at::empty({a.batch, a.size}, lopts), at::empty({a.batch}, lopts), at::empty({a.batch}, lopts)};
   p.node_tokens = a.node_tokens.data_ptr<int64_t>();
   p.parents = a.parents.data_ptr<int64_t>();
-  p.num_nodes = a.num_nodes.data_ptr<int64_t>();
+  p.num_nodes = a.num_nodes.defined() ? a.num_nodes.data_ptr<int64_t>() : nullptr;  // undefined: all nodes
   p.accepted_nodes = o.accepted_nodes.data_ptr<int64_t>();
   p.accept_len = o.accept_len.data_ptr<int64_t>();
   p.next_token = o.next_token.data_ptr<int64_t>();
@@ -129,7 +127,7 @@ void write_path(const VerifyParams& p, int64_t b, int best, int accepted_depth, 
 }
 
 void verify_greedy_row(const VerifyParams& p, int64_t b, const std::function<int64_t(int64_t, int)>& argmax_at) {
-  const int n = static_cast<int>(p.num_nodes[b]);
+  const int n = static_cast<int>(tree_nodes(p.num_nodes, b, p.size));
   std::vector<int64_t> am(n);
   for (int i = 0; i < n; ++i) am[i] = argmax_at(b, i);
   std::vector<char> ok(n, 0);
@@ -192,7 +190,7 @@ int64_t sample_from(const Weight& weight, int64_t vocab, uint64_t total, double 
 
 template <typename T>
 void verify_sample_row(const VerifyParams& p, int64_t b) {
-  const int n = static_cast<int>(p.num_nodes[b]);
+  const int n = static_cast<int>(tree_nodes(p.num_nodes, b, p.size));
   const int64_t* par = p.parents + b * p.size;
   const int64_t* tok = p.node_tokens + b * p.size;
   const uint32_t seq = static_cast<uint32_t>(b);
@@ -302,11 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy(const at::Tensor& n
   VerifyOutputs o = make_outputs(a, p);
   if (a.batch == 0) return {o.accepted_nodes, o.accept_len, o.next_token};
   if (node_tokens.is_cuda()) {
-    launch_on_cuda(node_tokens.device(), "verify_greedy", [&](void* stream) {
-      // Per-sequence counters for the fused argmax's last-block hand-off.
-      at::Tensor workspace = at::zeros({a.batch}, node_tokens.options().dtype(at::kInt));
-      return verify_greedy_cuda(p, stream, workspace.data_ptr<int>());
-    });
+    launch_on_cuda(node_tokens.device(), "verify_greedy", [&](void* stream) { return verify_greedy_cuda(p, stream); });
   } else {
     std::function<int64_t(int64_t, int)> argmax_at;
     if (given_argmax) {

@@ -242,41 +242,54 @@ size_t build_tree_smem(const BuildTreeParams& p) {
 }
 
 // One block per sequence; each thread owns 16-byte pieces of a cache row and moves them along
-// the path in ascending order (a path node never sits below its destination), so no thread
-// reads what another writes.
+// the path. A source (node >= i) never lies below an earlier destination, so reading a batch
+// of sources before writing them keeps the ascending order's result, and the loads of a batch
+// are in flight together instead of one round trip per node.
+template <typename U>
+__device__ __forceinline__ void move_path_units(char* seq, const int64_t* path, int64_t n, int64_t base,
+                                                int64_t row_bytes, int64_t units) {
+  constexpr int kBatch = 8;
+  for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
+    for (int64_t first = 1; first < n; first += kBatch) {
+      U val[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k)
+        if (first + k < n) val[k] = reinterpret_cast<const U*>(seq + (base + path[first + k]) * row_bytes)[u];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k)
+        if (first + k < n && path[first + k] != first + k)
+          reinterpret_cast<U*>(seq + (base + first + k) * row_bytes)[u] = val[k];
+    }
+  }
+}
+
 __global__ void compact_kv_kernel(CompactKVParams p) {
   const int64_t b = blockIdx.x;
   __shared__ int64_t base_s, n_s;
+  __shared__ int ok_s;
   if (threadIdx.x == 0) {
     base_s = p.lengths[b];
     n_s = p.accept_len[b] + 1;
+    ok_s = 1;
   }
   __syncthreads();
   const int64_t base = base_s, n = n_s;
   const int64_t* path = p.accepted_nodes + b * p.path_stride;
-  bool ok = n >= 1 && n <= p.path_stride && base >= 0;
-  for (int64_t i = 0, prev = -1; ok && i < n; ++i) {
-    const int64_t node = path[i];
-    ok = node > prev && node >= i && base + node < p.max_len;
-    prev = node;
+  const bool n_ok = n >= 1 && n <= p.path_stride && base >= 0;
+  if (n_ok) {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const int64_t node = path[i];
+      if (!(node > (i == 0 ? -1 : path[i - 1]) && node >= i && base + node < p.max_len)) ok_s = 0;
+    }
   }
-  if (!ok) return;  // a bad path moves nothing and keeps the length
-  const bool vec = p.row_bytes % 16 == 0;
-  const int64_t units = vec ? p.row_bytes / 16 : p.row_bytes;
+  __syncthreads();
+  if (!n_ok || !ok_s) return;  // a bad path moves nothing and keeps the length
   for (int which = 0; which < 2; ++which) {
     char* seq = static_cast<char*>(which == 0 ? p.k_cache : p.v_cache) + b * p.max_len * p.row_bytes;
-    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
-      for (int64_t i = 1; i < n; ++i) {
-        const int64_t node = path[i];
-        if (node == i) continue;
-        char* dst = seq + (base + i) * p.row_bytes;
-        const char* src = seq + (base + node) * p.row_bytes;
-        if (vec) {
-          reinterpret_cast<int4*>(dst)[u] = reinterpret_cast<const int4*>(src)[u];
-        } else {
-          dst[u] = src[u];
-        }
-      }
+    if (p.row_bytes % 16 == 0) {
+      move_path_units<int4>(seq, path, n, base, p.row_bytes, p.row_bytes / 16);
+    } else {
+      move_path_units<char>(seq, path, n, base, p.row_bytes, p.row_bytes);
     }
   }
   __syncthreads();
@@ -299,8 +312,11 @@ int build_tree_cuda(const BuildTreeParams& p, void* stream) {
     g.level_slot = g.level_parent + entries;
   }
   const size_t smem = build_tree_smem(p);
-  cudaError_t err = cudaFuncSetAttribute(build_tree_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  // Raising the limit is a driver call: only trees past the default 48 KB need it.
+  cudaError_t err = smem <= 48 * 1024 ? cudaSuccess
+                                      : cudaFuncSetAttribute(build_tree_kernel,
+                                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                             static_cast<int>(smem));
   if (err == cudaSuccess) {
     build_tree_kernel<<<static_cast<unsigned>(p.batch), kThreads, smem, st>>>(p, g);
     err = cudaGetLastError();

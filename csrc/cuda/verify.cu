@@ -1,7 +1,9 @@
 // CUDA tree verification: greedy (argmax fused, last block of each sequence walks the tree)
-// and sampling (one block per sequence walks the tree depth by depth). No torch headers.
+// and sampling (one cluster per sequence walks the tree depth by depth). No torch headers.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include "specx/cluster_launch.cuh"
 #include "specx/speckd_gate.h"
 #include "specx/tree.h"
 #include "specx/verify.h"
@@ -10,6 +12,7 @@
 namespace specx {
 namespace {
 
+namespace cg = cooperative_groups;
 using verify_cuda::ArgMax;
 
 constexpr int kArgmaxThreads = 256;
@@ -27,7 +30,7 @@ __device__ void greedy_walk(const VerifyParams& p, int64_t b, const int64_t* arg
   __shared__ uint8_t good[kMaxTreeSizeCuda];
   __shared__ unsigned long long best_key;
   const int64_t row = b * p.size;
-  const int64_t nn = p.num_nodes[b];
+  const int64_t nn = tree_nodes(p.num_nodes, b, p.size);
   const int n = nn < 1 ? 1 : (nn > p.size ? p.size : static_cast<int>(nn));
   for (int i = threadIdx.x; i < n; i += blockDim.x) am[i] = argmax_src[row + i];
   if (threadIdx.x == 0) best_key = 0;
@@ -83,14 +86,15 @@ __device__ void greedy_walk(const VerifyParams& p, int64_t b, const int64_t* arg
 }
 
 // grid (tree_size, batch): block (node, b) takes the argmax of its row into accepted_nodes
-// (scratch); the last block of sequence b to finish walks its tree.
+// (scratch); the last block of sequence b to finish walks its tree. accept_len[b], zeroed
+// before the launch, counts the finished blocks until the walk writes it.
 template <typename T>
-__global__ void __launch_bounds__(kArgmaxThreads) verify_greedy_logits_kernel(VerifyParams p, int* counters) {
+__global__ void __launch_bounds__(kArgmaxThreads) verify_greedy_logits_kernel(VerifyParams p) {
   __shared__ ArgMax scratch[33];
   __shared__ bool last;
   const int64_t b = blockIdx.y;
   const int node = blockIdx.x;
-  const int64_t nn = p.num_nodes[b];
+  const int64_t nn = tree_nodes(p.num_nodes, b, p.size);
   if (node < nn) {
     const T* row = static_cast<const T*>(p.logits) + (b * p.size + node) * p.vocab;
     const ArgMax best = verify_cuda::row_argmax(row, p.vocab, scratch);
@@ -98,7 +102,7 @@ __global__ void __launch_bounds__(kArgmaxThreads) verify_greedy_logits_kernel(Ve
   }
   if (threadIdx.x == 0) {
     __threadfence();
-    last = atomicAdd(&counters[b], 1) == static_cast<int>(gridDim.x) - 1;
+    last = atomicAdd(reinterpret_cast<unsigned long long*>(p.accept_len) + b, 1ull) == gridDim.x - 1;
   }
   __syncthreads();
   if (!last) return;
@@ -110,87 +114,243 @@ __global__ void __launch_bounds__(kWalkThreads) verify_greedy_argmax_kernel(Veri
   greedy_walk(p, blockIdx.x, p.argmax);
 }
 
-// ---- sampling ----
+// ---- sampling: one cluster per sequence; each block keeps its slice of a node's weights ----
 
-template <typename T>
-struct TargetRow {
-  const T* row;
-  float vmax;
-  float inv_t;
-  uint64_t tau;  // top-p threshold on the weights (0: keep all)
-  __device__ uint64_t raw(int64_t v) const { return det_weight(to_float(row[v]), vmax, inv_t); }
-  __device__ uint64_t operator()(int64_t v) const {
-    const uint64_t w = raw(v);
-    return w >= tau ? w : 0;
-  }
-};
+constexpr int kHistBits = 11;
+constexpr int kHistBins = 1 << kHistBits;
 
 struct SampleSmem {
-  uint64_t sums[33];
-  float maxes[33];
+  unsigned long long warp_sums[32];
+  float warp_max[32];
   unsigned long long prefix[kSampleThreads];
   unsigned long long warp_totals[kSampleThreads / 32];
-  unsigned long long hist[256];
-  int64_t result;
+  unsigned long long slot[2];  // this block's value in a cluster exchange (alternating)
+  int64_t child_tok[kMaxTreeSizeCuda];
   int children[kMaxTreeSizeCuda];
   int path[kMaxTreeSizeCuda];
+  uint8_t dup[kMaxTreeSizeCuda];  // the child's token came earlier among its siblings
+  int64_t result;
+  unsigned long long cross_above, cross_mass;
+  int cross_bin;
   int child_count;
   int accepted;
   uint64_t left;
-  uint64_t tau;
-  uint64_t kept_total;
 };
 
-// The largest threshold whose kept mass (weights >= it) reaches `need`, digit by digit from the
-// top (weights < 2^48); also the kept mass.
+// One node's target distribution: this block's slice of fixed-point weights and the row-wide
+// statistics. top-p keeps the weights >= tau (0: all); `total` is the kept mass.
 template <typename T>
-__device__ void top_p_threshold(const TargetRow<T>& row, int64_t vocab, uint64_t need, SampleSmem& s) {
-  uint64_t prefix = 0, above = 0;
-  for (int shift = 40; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) s.hist[i] = 0;
-    __syncthreads();
-    for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
-      const uint64_t w = row.raw(v);
-      if ((w >> (shift + 8)) == (prefix >> (shift + 8)) && w > 0) atomicAdd(&s.hist[(w >> shift) & 255], w);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int d = 255;
-      for (; d > 0; --d) {
-        if (above + s.hist[d] >= need) break;
-        above += s.hist[d];
-      }
-      s.tau = prefix | (static_cast<uint64_t>(d) << shift);
-      s.kept_total = above + s.hist[d];
-    }
-    __syncthreads();
-    prefix = s.tau;
-    __syncthreads();
+struct SampleRow {
+  const T* logits;
+  const uint64_t* w;
+  float vmax;
+  float inv_t;
+  uint64_t tau;
+  uint64_t total;
+  __device__ uint64_t local(int i) const { return w[i] >= tau ? w[i] : 0; }
+  // Any token, from the logits: the value its owner block holds.
+  __device__ uint64_t at(int64_t v) const {
+    const uint64_t x = det_weight(to_float(logits[v]), vmax, inv_t);
+    return x >= tau ? x : 0;
+  }
+};
+
+// Calls f(rank, value) on every thread for each block's `mine` (given in thread 0), in rank
+// order. A slot is rewritten only after the cluster has passed another exchange.
+template <typename F>
+__device__ void cluster_exchange(unsigned long long mine, SampleSmem& s, int& parity, F&& f) {
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) s.slot[parity] = mine;
+  cluster.sync();
+  for (unsigned r = 0; r < cluster.num_blocks(); ++r) f(r, *cluster.map_shared_rank(&s.slot[parity], r));
+  parity ^= 1;
+}
+
+template <typename F>
+__device__ unsigned long long block_total(int len, SampleSmem& s, F&& weight) {
+  unsigned long long acc = 0;
+  for (int i = threadIdx.x; i < len; i += kSampleThreads) acc += weight(i);
+  return block_reduce(acc, s.warp_sums, [](unsigned long long a, unsigned long long b) { return a + b; });
+}
+
+template <typename F>
+__device__ uint64_t cluster_sum(int len, SampleSmem& s, int& parity, F&& weight) {
+  uint64_t total = 0;
+  cluster_exchange(block_total(len, s, weight), s, parity, [&](unsigned, unsigned long long v) { total += v; });
+  return total;
+}
+
+// Inverse-CDF sample over the row: the block whose slice holds `target` scans it and writes
+// the token to *out (vocab - 1 when the total is 0).
+template <typename F>
+__device__ void cluster_sample(uint64_t target, const RowSlice& sl, int64_t vocab, SampleSmem& s, int& parity,
+                               int64_t* out, F&& weight) {
+  const unsigned long long mine = block_total(sl.len, s, weight);
+  unsigned long long before = 0, own = 0, total = 0;
+  cluster_exchange(mine, s, parity, [&](unsigned r, unsigned long long v) {
+    if (static_cast<int>(r) < sl.rank) before += v;
+    if (static_cast<int>(r) == sl.rank) own = v;
+    total += v;
+  });
+  if (own > 0 && before <= target && target - before < own) {
+    const int64_t i = verify_cuda::block_sample(sl.len, target - before, s.prefix, s.warp_totals, &s.result, weight);
+    if (threadIdx.x == 0) *out = sl.begin + i;
+  } else if (target >= total && sl.rank == 0 && threadIdx.x == 0) {
+    *out = vocab - 1;
   }
 }
 
+// top-p's histogram: mass per key, one shared atomic per run of equal keys (a thread's
+// weights often share a bin, which would otherwise serialise the atomics).
+struct MassRun {
+  unsigned long long* hist;
+  int key;
+  unsigned long long mass;
+  __device__ void add(int k, uint64_t w) {
+    if (k != key) {
+      flush();
+      key = k;
+    }
+    mass += w;
+  }
+  __device__ void flush() {
+    if (mass > 0) atomicAdd(&hist[key], mass);
+    mass = 0;
+  }
+};
+
+// First-level key of a weight > 0, monotone: its leading bit's position, then the next 5 bits.
+__device__ __forceinline__ int top_p_key(uint64_t w) {
+  const int e = 63 - __clzll(static_cast<long long>(w));
+  const uint64_t m = e >= 5 ? w >> (e - 5) : w << (5 - e);
+  return e * 32 + static_cast<int>(m & 31);
+}
+
+// The largest tau whose kept mass (weights >= tau) reaches `need`, and that mass. Each level
+// narrows tau's range to one bin of a cluster-wide histogram; the first level's histogram was
+// filled while the weights were computed, later passes touch only weights still in range.
+// `hist` holds two alternating buffers (a peer may still read the previous level's).
+__device__ void top_p_select(const uint64_t* w, int len, uint64_t need, unsigned long long* hist, int& hparity,
+                             SampleSmem& s, uint64_t& tau, uint64_t& kept) {
+  cg::cluster_group cluster = cg::this_cluster();
+  constexpr int kPer = kHistBins / kSampleThreads;
+  uint64_t lo = 0, above = 0;
+  int bits = -1, shift = 0;  // tau in [lo, lo + 2^bits), keyed by (w - lo) >> shift; -1: first level
+  while (true) {
+    unsigned long long* mine = hist + hparity * kHistBins;
+    if (bits >= 0) {
+      for (int i = threadIdx.x; i < kHistBins; i += kSampleThreads) mine[i] = 0;
+      __syncthreads();
+      MassRun run{mine, 0, 0};
+      for (int i = threadIdx.x; i < len; i += kSampleThreads) {
+        const uint64_t x = w[i];
+        if (x >= lo && ((x - lo) >> bits) == 0) run.add(static_cast<int>((x - lo) >> shift), x);
+      }
+      run.flush();
+    }
+    if (threadIdx.x == 0) s.cross_bin = -1;
+    cluster.sync();
+    // Thread t sums bins 4t.. counted from the top; the crossing bin is the first where the
+    // mass from the top reaches `need`.
+    unsigned long long g[kPer], sum = 0;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int bin = kHistBins - 1 - (threadIdx.x * kPer + j);
+      g[j] = 0;
+      for (unsigned r = 0; r < cluster.num_blocks(); ++r) g[j] += cluster.map_shared_rank(mine, r)[bin];
+      sum += g[j];
+    }
+    hparity ^= 1;
+    block_exclusive_scan(sum, s.prefix, s.warp_totals);
+    unsigned long long acc = above + s.prefix[threadIdx.x];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      if (acc < need && acc + g[j] >= need) {
+        s.cross_bin = kHistBins - 1 - (threadIdx.x * kPer + j);
+        s.cross_above = acc;
+        s.cross_mass = g[j];
+      }
+      acc += g[j];
+    }
+    __syncthreads();
+    const int d = s.cross_bin;
+    if (d < 0) {  // no positive weight (an all-NaN row): everything is kept, as on the CPU
+      tau = 0;
+      kept = 0;
+      return;
+    }
+    if (bits < 0) {
+      const int e = d >> 5, m = d & 31;
+      lo = e >= 5 ? static_cast<uint64_t>(32 + m) << (e - 5) : static_cast<uint64_t>(32 + m) >> (5 - e);
+      bits = e >= 5 ? e - 5 : 0;
+    } else {
+      lo += static_cast<uint64_t>(d) << shift;
+      bits = shift;
+    }
+    above = s.cross_above;
+    if (bits == 0) {
+      tau = lo;
+      kept = above + s.cross_mass;
+      return;
+    }
+    shift = bits > kHistBits ? bits - kHistBits : 0;
+    __syncthreads();  // s.cross_* is rewritten next level
+  }
+}
+
+// The weights of node row `logits` into this block's slice, and the row-wide statistics.
 template <typename T>
-__global__ void __launch_bounds__(kSampleThreads) verify_sample_kernel(VerifyParams p) {
-  extern __shared__ uint32_t removed[];  // deterministic drafts: bitmap of rejected tokens
+__device__ SampleRow<T> load_row(const VerifyParams& p, const T* logits, const RowSlice& sl, uint64_t* w,
+                                 unsigned long long* hist, SampleSmem& s, int& parity, int& hparity) {
+  const bool top_p = p.top_p < 1.0;
+  unsigned long long* hist1 = hist + hparity * kHistBins;
+  if (top_p)
+    for (int i = threadIdx.x; i < kHistBins; i += kSampleThreads) hist1[i] = 0;
+  float m = -INFINITY;
+  verify_cuda::for_each_value(logits + sl.begin, sl.len, kSampleThreads, [&](float x) { m = fmaxf(m, x); });
+  m = block_reduce(m, s.warp_max, [](float a, float b) { return fmaxf(a, b); });
+  SampleRow<T> row{logits, w, -INFINITY, p.inv_temperature, 0, 0};
+  cluster_exchange(__float_as_uint(m), s, parity, [&](unsigned, unsigned long long v) {
+    row.vmax = fmaxf(row.vmax, __uint_as_float(static_cast<uint32_t>(v)));
+  });
+  // The second read comes from L2; element tid + k * threads keeps the 8-byte stores
+  // conflict-free.
+  MassRun run{hist1, 0, 0};
+  unsigned long long acc = 0;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < sl.len; i += kSampleThreads) {
+    const uint64_t x = det_weight(to_float(logits[sl.begin + i]), row.vmax, row.inv_t);
+    w[i] = x;
+    acc += x;
+    if (top_p && x > 0) run.add(top_p_key(x), x);
+  }
+  run.flush();
+  acc = block_reduce(acc, s.warp_sums, [](unsigned long long a, unsigned long long b) { return a + b; });
+  cluster_exchange(acc, s, parity, [&](unsigned, unsigned long long v) { row.total += v; });
+  if (top_p) top_p_select(w, sl.len, top_p_need(p.top_p, row.total), hist, hparity, s, row.tau, row.total);
+  return row;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kSampleThreads) verify_sample_kernel(VerifyParams p, int slice_len,
+                                                                       uint64_t* w_global) {
+  extern __shared__ __align__(16) unsigned long long sample_smem[];
   __shared__ SampleSmem s;
-  const int64_t b = blockIdx.x;
+  const RowSlice sl = this_row_slice(p.vocab, slice_len);
+  unsigned long long* hist = sample_smem;  // [2][kHistBins]
+  uint64_t* w = w_global != nullptr ? w_global + static_cast<int64_t>(blockIdx.x) * slice_len
+                                    : reinterpret_cast<uint64_t*>(sample_smem + 2 * kHistBins);
+  const int64_t b = sl.row;
   const int64_t row0 = b * p.size;
-  const int64_t nn = p.num_nodes[b];
+  const int64_t nn = tree_nodes(p.num_nodes, b, p.size);
   const int n = nn < 1 ? 1 : (nn > p.size ? p.size : static_cast<int>(nn));
-  const int64_t words = p.draft_probs == nullptr ? (p.vocab + 31) / 32 : 0;
   const uint32_t seq = static_cast<uint32_t>(b);
+  int parity = 0, hparity = 0;
   int cur = 0, depth = 0;
-  int64_t next = 0;
   if (threadIdx.x == 0) s.path[0] = 0;
   while (true) {
-    TargetRow<T> row{static_cast<const T*>(p.logits) + (row0 + cur) * p.vocab, 0.0f, p.inv_temperature, 0};
-    row.vmax = verify_cuda::block_max(p.vocab, s.maxes, [&](int64_t v) { return to_float(row.row[v]); });
-    uint64_t total = verify_cuda::block_sum(p.vocab, s.sums, [&](int64_t v) { return row.raw(v); });
-    if (p.top_p < 1.0) {
-      top_p_threshold(row, p.vocab, top_p_need(p.top_p, total), s);
-      row.tau = s.tau;
-      total = s.kept_total;
-    }
+    const SampleRow<T> row = load_row(p, static_cast<const T*>(p.logits) + (row0 + cur) * p.vocab, sl, w, hist, s,
+                                      parity, hparity);
     // Children of `cur`, in index order (they all come after it).
     if (threadIdx.x < 32) {
       int base = 0;
@@ -198,61 +358,73 @@ __global__ void __launch_bounds__(kSampleThreads) verify_sample_kernel(VerifyPar
         const int i = start + threadIdx.x;
         const bool child = i < n && p.parents[row0 + i] == cur;
         const unsigned m = __ballot_sync(0xffffffffu, child);
-        if (child) s.children[base + __popc(m & ((1u << threadIdx.x) - 1u))] = i;
+        if (child) {
+          const int j = base + __popc(m & ((1u << threadIdx.x) - 1u));
+          s.children[j] = i;
+          s.child_tok[j] = p.node_tokens[row0 + i];
+        }
         base += __popc(m);
       }
       if (threadIdx.x == 0) s.child_count = base;
     }
-    for (int64_t w = threadIdx.x; w < words; w += blockDim.x) removed[w] = 0;
     if (threadIdx.x == 0) s.accepted = -1;
     __syncthreads();
     const int count = s.child_count;
     const double pick = tree_verify_draw(p.seed, seq, p.offset, depth, kFinalTrial).pick;
+    int64_t* out = p.next_token + b;
     if (count == 0) {
-      next = verify_cuda::block_sample(p.vocab, sample_target(pick, total), s.prefix, s.warp_totals, &s.result, row);
+      cluster_sample(sample_target(pick, row.total), sl, p.vocab, s, parity, out,
+                     [&](int i) { return row.local(i); });
       break;
     }
     if (p.draft_probs == nullptr) {
+      // A repeated token has no mass left once its first copy is rejected.
+      for (int j = threadIdx.x; j < count; j += kSampleThreads) {
+        bool seen = false;
+        for (int i = 0; i < j && !seen; ++i) seen = s.child_tok[i] == s.child_tok[j];
+        s.dup[j] = seen;
+      }
+      __syncthreads();
       if (threadIdx.x == 0) {
-        uint64_t left = total;
+        uint64_t left = row.total;
         for (int j = 0; j < count; ++j) {
-          const int64_t x = p.node_tokens[row0 + s.children[j]];
-          const bool fresh = x >= 0 && x < p.vocab && !(removed[x / 32] >> (x % 32) & 1u);
-          const uint64_t px = fresh ? row(x) : 0;
+          const int64_t x = s.child_tok[j];
+          const uint64_t px = x >= 0 && x < p.vocab && !s.dup[j] ? row.at(x) : 0;
           const double coin = tree_verify_draw(p.seed, seq, p.offset, depth, static_cast<uint32_t>(j)).coin;
           if (accept_deterministic(coin, px, left)) {
             s.accepted = s.children[j];
             break;
           }
-          if (px > 0) {
-            removed[x / 32] |= 1u << (x % 32);
-            left -= px;
-          }
+          left -= px;
         }
         s.left = left;
       }
       __syncthreads();
       if (s.accepted < 0) {
         const uint64_t left = s.left;
-        // Nothing left only when rejected tokens covered all the mass: sample from p itself.
-        const bool use_left = left > 0;
-        next = verify_cuda::block_sample(p.vocab, sample_target(pick, use_left ? left : total), s.prefix,
-                                         s.warp_totals, &s.result, [&](int64_t v) -> uint64_t {
-                                           if (use_left && (removed[v / 32] >> (v % 32) & 1u)) return 0;
-                                           return row(v);
-                                         });
+        // Nothing left only when the rejected tokens held all the mass: sample from p itself.
+        if (left > 0) {
+          for (int j = threadIdx.x; j < count; j += kSampleThreads) {
+            const int64_t i = s.child_tok[j] - sl.begin;
+            if (i >= 0 && i < sl.len) w[i] = 0;
+          }
+          __syncthreads();
+        }
+        cluster_sample(sample_target(pick, left > 0 ? left : row.total), sl, p.vocab, s, parity, out,
+                       [&](int i) { return row.local(i); });
       }
     } else {
       const float* q = p.draft_probs + (row0 + cur) * p.vocab;
-      const double dtotal = static_cast<double>(total);
+      const float* ql = q + sl.begin;
+      const double dtotal = static_cast<double>(row.total);
       double coef = 0.0;
+      auto residual = [&](int i) { return residual_fixed(row.local(i), dtotal, coef, ql[i]); };
       for (int j = 0; j < count; ++j) {
-        const uint64_t s_j = verify_cuda::block_sum(
-            p.vocab, s.sums, [&](int64_t v) { return residual_fixed(row(v), dtotal, coef, q[v]); });
+        const uint64_t s_j = cluster_sum(sl.len, s, parity, residual);
         if (threadIdx.x == 0) {
-          const int64_t x = p.node_tokens[row0 + s.children[j]];
+          const int64_t x = s.child_tok[j];
           const double coin = tree_verify_draw(p.seed, seq, p.offset, depth, static_cast<uint32_t>(j)).coin;
-          if (x >= 0 && x < p.vocab && accept_with_draft(coin, residual_fixed(row(x), dtotal, coef, q[x]), s_j, q[x]))
+          if (x >= 0 && x < p.vocab && accept_with_draft(coin, residual_fixed(row.at(x), dtotal, coef, q[x]), s_j, q[x]))
             s.accepted = s.children[j];
         }
         __syncthreads();
@@ -260,14 +432,12 @@ __global__ void __launch_bounds__(kSampleThreads) verify_sample_kernel(VerifyPar
         coef = coef + static_cast<double>(s_j) / kFixed52;
       }
       if (s.accepted < 0) {
-        const uint64_t s_final = verify_cuda::block_sum(
-            p.vocab, s.sums, [&](int64_t v) { return residual_fixed(row(v), dtotal, coef, q[v]); });
+        const uint64_t s_final = cluster_sum(sl.len, s, parity, residual);
         if (s_final > 0) {
-          next = verify_cuda::block_sample(p.vocab, sample_target(pick, s_final), s.prefix, s.warp_totals, &s.result,
-                                           [&](int64_t v) { return residual_fixed(row(v), dtotal, coef, q[v]); });
+          cluster_sample(sample_target(pick, s_final), sl, p.vocab, s, parity, out, residual);
         } else {
-          next = verify_cuda::block_sample(p.vocab, sample_target(pick, total), s.prefix, s.warp_totals, &s.result,
-                                           row);
+          cluster_sample(sample_target(pick, row.total), sl, p.vocab, s, parity, out,
+                         [&](int i) { return row.local(i); });
         }
       }
     }
@@ -276,42 +446,55 @@ __global__ void __launch_bounds__(kSampleThreads) verify_sample_kernel(VerifyPar
     cur = accepted;
     ++depth;
     if (threadIdx.x == 0) s.path[depth] = accepted;
-    __syncthreads();  // s.accepted and the bitmap are reset next round
+    __syncthreads();  // s.accepted and the children are rewritten next round
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < p.size; i += blockDim.x) p.accepted_nodes[row0 + i] = i <= depth ? s.path[i] : -1;
-  if (threadIdx.x == 0) {
-    p.accept_len[b] = depth;
-    p.next_token[b] = next;
+  if (sl.rank == 0) {
+    for (int i = threadIdx.x; i < p.size; i += kSampleThreads) p.accepted_nodes[row0 + i] = i <= depth ? s.path[i] : -1;
+    if (threadIdx.x == 0) p.accept_len[b] = depth;
   }
+  cg::this_cluster().sync();  // peers may still read this block's shared memory
 }
 
 template <typename T>
-cudaError_t launch_greedy_logits(const VerifyParams& p, cudaStream_t st, int* counters) {
-  verify_greedy_logits_kernel<T><<<dim3(p.size, static_cast<unsigned>(p.batch)), kArgmaxThreads, 0, st>>>(p, counters);
+cudaError_t launch_greedy_logits(const VerifyParams& p, cudaStream_t st) {
+  const cudaError_t err = cudaMemsetAsync(p.accept_len, 0, p.batch * sizeof(int64_t), st);
+  if (err != cudaSuccess) return err;
+  verify_greedy_logits_kernel<T><<<dim3(p.size, static_cast<unsigned>(p.batch)), kArgmaxThreads, 0, st>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_sample(const VerifyParams& p, cudaStream_t st) {
-  const size_t smem = p.draft_probs == nullptr ? static_cast<size_t>((p.vocab + 31) / 32) * 4 : 0;
-  auto kernel = verify_sample_kernel<T>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(p.batch), kSampleThreads, smem, st>>>(p);
-  return cudaGetLastError();
+  // Slices of >= 4096 weights over up to 8 blocks, in shared memory up to 160 KB each (else in
+  // global scratch), after the two top-p histograms.
+  SlicePlan plan = plan_row_slices(p.vocab, p.batch, sizeof(uint64_t), 8, 4096 * sizeof(uint64_t), 160 * 1024, 8);
+  uint64_t* w_global = nullptr;
+  if (!plan.cached) {
+    const cudaError_t err =
+        cudaMallocAsync(reinterpret_cast<void**>(&w_global), p.batch * plan.cluster * plan.slice * sizeof(uint64_t), st);
+    if (err != cudaSuccess) return err;
+  }
+  plan.smem_bytes += 2 * kHistBins * sizeof(unsigned long long);
+  cudaError_t err = launch_row_clusters(verify_sample_kernel<T>, p.batch, plan, kSampleThreads, st, p,
+                                        static_cast<int>(plan.slice), w_global);
+  if (w_global != nullptr) {
+    const cudaError_t free_err = cudaFreeAsync(w_global, st);
+    if (err == cudaSuccess) err = free_err;
+  }
+  return err;
 }
 
 }  // namespace
 
-int verify_greedy_cuda(const VerifyParams& p, void* stream, int* counters) {
+int verify_greedy_cuda(const VerifyParams& p, void* stream) {
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (p.batch == 0) return 0;
   if (p.argmax != nullptr) {
     verify_greedy_argmax_kernel<<<static_cast<unsigned>(p.batch), kWalkThreads, 0, st>>>(p);
     return cudaGetLastError();
   }
-  return dispatch_dtype(p.dtype, [&](auto zero) { return launch_greedy_logits<decltype(zero)>(p, st, counters); });
+  return dispatch_dtype(p.dtype, [&](auto zero) { return launch_greedy_logits<decltype(zero)>(p, st); });
 }
 
 int verify_sample_cuda(const VerifyParams& p, void* stream) {

@@ -10,7 +10,7 @@ namespace specx {
 struct VerifyParams {
   const int64_t* node_tokens;  // [batch, size]
   const int64_t* parents;      // [batch, size]
-  const int64_t* num_nodes;    // [batch]
+  const int64_t* num_nodes;    // [batch], or null: every tree fills `size`
   const void* logits;          // [batch, size, vocab] (greedy: or null when argmax is given)
   const int64_t* argmax;       // [batch, size] given argmax (greedy), or null
   const float* draft_probs;    // [batch, size, vocab] (sampling) or null: deterministic drafts
@@ -26,6 +26,10 @@ struct VerifyParams {
   uint64_t seed;
   uint32_t offset;
 };
+
+SPECX_HD int64_t tree_nodes(const int64_t* num_nodes, int64_t b, int64_t size) {
+  return num_nodes != nullptr ? num_nodes[b] : size;
+}
 
 constexpr uint32_t kTreeVerifyTag = 0x54525653u;  // "TRVS", apart from SpecKD's "SPKD"
 constexpr uint32_t kFinalTrial = 0xFFFFu;
@@ -74,7 +78,7 @@ SPECX_HD uint64_t top_p_need(double top_p, uint64_t total) {
   return need > 0 ? need : 1;  // the top token is always kept
 }
 
-int verify_greedy_cuda(const VerifyParams& params, void* stream, int* workspace);
+int verify_greedy_cuda(const VerifyParams& params, void* stream);
 int verify_sample_cuda(const VerifyParams& params, void* stream);
 
 }  // namespace specx

@@ -48,6 +48,33 @@ __device__ ArgMax row_argmax(const T* row, int64_t vocab, ArgMax* scratch) {
   return best;
 }
 
+// Calls f(value) on the len values from g, as 16-byte loads (four in flight per thread) where
+// aligned.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_value(const T* g, int len, int threads, F&& f) {
+  constexpr int kN = 16 / sizeof(T), kUnroll = 4;
+  int scalar_from = 0;
+  if (reinterpret_cast<uintptr_t>(g) % 16 == 0) {
+    const int nvec = len / kN;
+    const uint4* vg = reinterpret_cast<const uint4*>(g);
+    for (int base = threadIdx.x; base < nvec; base += kUnroll * threads) {
+      uint4 raw[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * threads < nvec) raw[u] = __ldg(vg + base + u * threads);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (base + u * threads >= nvec) break;
+        const T* vals = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+        for (int e = 0; e < kN; ++e) f(to_float(vals[e]));
+      }
+    }
+    scalar_from = nvec * kN;
+  }
+  for (int i = scalar_from + threadIdx.x; i < len; i += threads) f(to_float(g[i]));
+}
+
 // Sum over v < vocab of f(v) (uint64), returned to every thread.
 template <typename F>
 __device__ uint64_t block_sum(int64_t vocab, uint64_t* scratch, F&& f) {
