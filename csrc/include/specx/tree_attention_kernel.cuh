@@ -228,6 +228,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quad_row = lane / 4, quad_col = lane % 4;
   const int warp_row0 = warp * kMTiles * 16;  // first of this warp's rows within the block
+  const bool warp_has_rows = row0 + warp_row0 < rows_total;
   // Row (within the block) of accumulator half r of m-tile mt: g or g + 8 of the m-tile's 16.
   auto thread_row = [&](int mt, int r) { return warp_row0 + mt * 16 + r * 8 + quad_row; };
   // Its node; recomputed where needed rather than held in registers across the loop.
@@ -265,6 +266,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
     const uint32_t v_tile = v_tiles + stage * kTileBytes;
     stage = stage + 1 == kStages ? 0 : stage + 1;
     load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
+    if (!warp_has_rows) continue;  // it still loads and syncs, e.g. warps 1-3 at decode
 
     // Not unrolled: overlapping two steps would need a second set of S registers.
 #pragma unroll 1
@@ -322,6 +324,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
       }
 
       // Online softmax: new row maxima, rescale the running sums and outputs, P = 2^(S - max).
+      float alphas[kMTiles][2];
+      bool moved = false;
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -343,10 +347,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
             sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
           }
           row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+          alphas[mt][r] = alpha;
+          moved |= alpha != 1.f;
+        }
+      }
+      // Once the row maxima settle (after the first tiles) no row of the warp moves and the
+      // rescale of O, as many multiplies as the mma's of a step, is skipped.
+      if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
           for (int t = 0; t < kOTiles; ++t) {
-            o_acc[mt][t][2 * r] *= alpha;
-            o_acc[mt][t][2 * r + 1] *= alpha;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o_acc[mt][t][e] *= alphas[mt][e >> 1];
           }
         }
       }
