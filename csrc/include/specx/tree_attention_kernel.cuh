@@ -36,7 +36,7 @@ struct TileConfig {
   static constexpr int kRows = kWarps * kMTiles * 16;
   static constexpr int kThreads = kWarps * 32;
 };
-// T * group > 128 (trees at GQA group 4): one block per KV head, alone on its SM.
+// T * group > 128 (trees at GQA group 4): one block per KV head up to 256 rows, alone on its SM.
 using LargeTile = TileConfig<8, 2, 32, 3, 1>;
 // 64 < T * group <= 128: two blocks per SM.
 using MediumTile = TileConfig<4, 2, 32, 2, 2>;
