@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
     // Not unrolled: overlapping two steps would need a second set of S registers.
 #pragma unroll 1
     for (int step = 0; step < kBlockN / kStepN; ++step) {
-      // S = Q K^T for this warp's rows and the tile's keys; each K fragment serves every m-tile.
+      // S = Q K^T for this warp's rows and the step's keys; each K fragment serves every m-tile.
       float s[kMTiles][kNTiles][4];
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
@@ -302,7 +302,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int nd = needs_mask ? node_of(thread_row(mt, r)) : 0;
-          const int32_t* mask_row = p.tree_mask + (b * tree_size + nd) * p.mask_words;
+          const int32_t* mask_row =
+              p.tree_mask != nullptr ? p.tree_mask + (b * tree_size + nd) * p.mask_words : nullptr;
 #pragma unroll
           for (int t = 0; t < kNTiles; ++t) {
 #pragma unroll
@@ -313,7 +314,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
                 bool visible = key < len;
                 if (!visible && key < n) {
                   const int j = key - len;
-                  visible = p.tree_mask != nullptr ? tree_mask_bit(mask_row, j) : j <= nd;
+                  visible = mask_row != nullptr ? tree_mask_bit(mask_row, j) : j <= nd;
                 }
                 if (!visible) x = -INFINITY;
               }
