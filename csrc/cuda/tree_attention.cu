@@ -1,37 +1,75 @@
-// Launcher of the tree attention kernels: picks the KV-length split, dispatches on dtype and
-// head_dim, and merges the splits. No torch headers here.
+// Launcher of the tree attention kernels: picks the tile configuration and the KV-length split,
+// dispatches on dtype and head_dim, and merges the splits. No torch headers here.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 
 #include "specx/tree_attention_kernel.cuh"
 
 namespace specx {
 namespace {
 
-using tree_attn_cuda::kBlockM;
-using tree_attn_cuda::kBlockN;
-using tree_attn_cuda::kThreads;
+using tree_attn_cuda::LargeTile;
+using tree_attn_cuda::MediumTile;
+using tree_attn_cuda::SmallTile;
 
 constexpr int kMaxSplits = 64;
-constexpr int kMinTilesPerSplit = 4;  // below 256 keys a split costs more to merge than it saves
+// Split cost model, in units of one K/V tile's work: a block's start (Q load, pipeline fill,
+// epilogue) and the merge pass.
+constexpr int64_t kStartTiles = 1;
+constexpr int64_t kMergeTiles = 2;
 
-int64_t query_tiles(const TreeAttentionParams& p) {
-  const int64_t rows = p.tree_size * (p.heads_q / p.heads_kv);
-  return (rows + kBlockM - 1) / kBlockM;
+int64_t group_rows(const TreeAttentionParams& p) { return p.tree_size * (p.heads_q / p.heads_kv); }
+
+// Calls f(Cfg{}) with the smallest configuration whose block covers the rows of one KV head.
+template <typename F>
+auto with_tile_config(const TreeAttentionParams& p, F&& f) {
+  const int64_t rows = group_rows(p);
+  if (rows > MediumTile::kRows) return f(LargeTile{});
+  if (rows > SmallTile::kRows) return f(MediumTile{});
+  return f(SmallTile{});
 }
 
-template <typename T, int kHeadDim>
+template <typename Cfg>
+int64_t row_blocks(const TreeAttentionParams& p) {
+  return (group_rows(p) + Cfg::kRows - 1) / Cfg::kRows;
+}
+
+template <typename Cfg>
+int64_t max_tiles(const TreeAttentionParams& p) {
+  return std::max<int64_t>(1, (p.max_len + Cfg::kBlockN - 1) / Cfg::kBlockN);
+}
+
+// The split count that minimises the modelled time: the busiest SM runs ceil(blocks / SMs)
+// blocks, which share it once there are more than kMinBlocks, each costing its tiles plus a
+// start; splitting adds a merge.
+template <typename Cfg>
+int auto_splits(const TreeAttentionParams& p, int sms) {
+  const int64_t blocks = p.batch * p.heads_kv * row_blocks<Cfg>(p);
+  const int64_t tiles = max_tiles<Cfg>(p);
+  int best = 1;
+  int64_t best_cost = std::numeric_limits<int64_t>::max();
+  for (int s = 1; s <= std::min<int64_t>(kMaxSplits, tiles); ++s) {
+    const int64_t per_sm = std::max<int64_t>(Cfg::kMinBlocks, (blocks * s + sms - 1) / sms);
+    const int64_t cost = per_sm * ((tiles + s - 1) / s + kStartTiles) + (s > 1 ? kMergeTiles * Cfg::kMinBlocks : 0);
+    if (cost < best_cost) best = s, best_cost = cost;
+  }
+  return best;
+}
+
+template <typename Cfg, typename T, int kHeadDim>
 cudaError_t launch_typed(const TreeAttentionParams& p, cudaStream_t stream) {
-  auto kernel = tree_attn_cuda::tree_attention_kernel<T, kHeadDim>;
-  constexpr int smem = tree_attn_cuda::smem_bytes<kHeadDim>();
+  auto kernel = tree_attn_cuda::tree_attention_kernel<Cfg, T, kHeadDim>;
+  constexpr int smem = tree_attn_cuda::smem_bytes<Cfg, kHeadDim>();
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  // Query tiles of one (sequence, KV head) are neighbours in launch order, so they share the
+  // Row blocks of one (sequence, KV head) are neighbours in launch order, so they share the
   // K/V tiles through L2.
-  const dim3 grid(static_cast<unsigned>(query_tiles(p) * p.splits), static_cast<unsigned>(p.heads_kv),
+  const dim3 grid(static_cast<unsigned>(row_blocks<Cfg>(p) * p.splits), static_cast<unsigned>(p.heads_kv),
                   static_cast<unsigned>(p.batch));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.splits == 1) return err;
   const int64_t threads = p.batch * p.tree_size * p.heads_q * (kHeadDim / 4);
@@ -43,27 +81,29 @@ cudaError_t launch_typed(const TreeAttentionParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_head_dim(const TreeAttentionParams& p, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 64: return launch_typed<T, 64>(p, stream);
-    case 128: return launch_typed<T, 128>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_tile_config(p, [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    switch (p.head_dim) {
+      case 64: return launch_typed<Cfg, T, 64>(p, stream);
+      case 128: return launch_typed<Cfg, T, 128>(p, stream);
+    }
+    return cudaErrorInvalidValue;
+  });
 }
 
 }  // namespace
 
 int tree_attention_cuda_splits(const TreeAttentionParams& p, int requested) {
-  const int64_t max_tiles = std::max<int64_t>(1, (p.max_len + kBlockN - 1) / kBlockN);
-  if (requested > 0) return static_cast<int>(std::min<int64_t>({requested, max_tiles, kMaxSplits}));
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t blocks = p.batch * p.heads_kv * query_tiles(p);
-  if (blocks <= 0 || blocks >= sms) return 1;
-  // Aim at about two blocks per SM, each split keeping at least kMinTilesPerSplit tiles.
-  const int64_t wanted = (2 * sms + blocks - 1) / blocks;
-  const int64_t by_length = std::max<int64_t>(1, max_tiles / kMinTilesPerSplit);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, by_length, kMaxSplits})));
+  return with_tile_config(p, [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    const int64_t tiles = max_tiles<Cfg>(p);
+    if (requested > 0) return static_cast<int>(std::min<int64_t>({requested, tiles, kMaxSplits}));
+    int device = 0, sms = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (p.batch * p.heads_kv <= 0 || sms <= 0) return 1;
+    return auto_splits<Cfg>(p, sms);
+  });
 }
 
 int tree_attention_cuda(const TreeAttentionParams& p, void* stream) {

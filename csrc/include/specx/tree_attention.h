@@ -39,8 +39,8 @@ SPECX_HD bool tree_mask_bit(const int32_t* row_words, int64_t j) {
   return (static_cast<uint32_t>(row_words[j >> 5]) >> (j & 31)) & 1u;
 }
 
-// The number of KV-length splits the CUDA kernel will use: `requested` if > 0, else a
-// heuristic from batch x heads_kv x query tiles against the SM count.
+// The number of KV-length splits the CUDA kernel will use: `requested` if > 0, else the count
+// that a cost model of batch x heads_kv x row blocks against the SM count finds fastest.
 int tree_attention_cuda_splits(const TreeAttentionParams& params, int requested);
 // Launches the kernel(s) on `stream` (a cudaStream_t). Returns a CUDA error code.
 int tree_attention_cuda(const TreeAttentionParams& params, void* stream);

@@ -1,10 +1,13 @@
 // Tree attention kernel (flash-attention style, mma.sync tensor cores).
 //
-// One block owns 64 query rows of one (sequence, KV head): the rows are the (node, head) pairs
-// of the heads_q / heads_kv query heads that share that KV head, node-major, so every K/V tile
-// brought into shared memory serves all of them. Each of the 4 warps keeps 16 rows: Q as mma
-// A fragments in registers, S = Q K^T and O += P V through mma.m16n8k16 with ldmatrix, an
-// online softmax in fp32 registers. K/V tiles of 64 keys are double-buffered with cp.async.
+// A block owns up to 256 query rows of one (sequence, KV head): the rows are the (node, head)
+// pairs of the heads_q / heads_kv query heads that share that KV head, node-major, so every
+// K/V tile brought into shared memory serves all of them; with T * group <= 256 rows (T = 64 at
+// GQA group 4) each K/V byte leaves HBM once. Each warp keeps 16 or 32 rows (one or two
+// m-tiles): every K/V fragment read from shared memory feeds both m-tiles, which halves the
+// shared-memory traffic per mma. Q sits in shared memory (in registers it would push two m-tiles
+// past 255), S = Q K^T and O += P V run through mma.m16n8k16 with ldmatrix, with an online
+// softmax in fp32 registers. K/V tiles of 64 keys stream through a 2- or 3-stage cp.async ring.
 // Only tiles that reach past the prefix evaluate the mask. With splits > 1 each block covers
 // one slice of the keys and writes a partial output and log-sum-exp that
 // tree_attention_combine_kernel merges.
@@ -19,17 +22,38 @@
 
 namespace specx::tree_attn_cuda {
 
-constexpr int kBlockM = 64;  // query rows per block
-constexpr int kBlockN = 64;  // keys per tile
-constexpr int kWarps = kBlockM / 16;
-constexpr int kThreads = kWarps * 32;
+// kWarps warps of kMTiles m-tiles (16 rows each); kStages K/V tiles of kBlockN keys in flight;
+// the softmax steps through a tile kStepN keys at a time (32 keeps two m-tiles' S and O within
+// 255 registers); kMinBlocks blocks per SM, which __launch_bounds__ turns into the register cap.
+template <int kWarps_, int kMTiles_, int kStepN_, int kStages_, int kMinBlocks_>
+struct TileConfig {
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kMTiles = kMTiles_;
+  static constexpr int kStepN = kStepN_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kMinBlocks = kMinBlocks_;
+  static constexpr int kBlockN = 64;
+  static constexpr int kRows = kWarps * kMTiles * 16;
+  static constexpr int kThreads = kWarps * 32;
+};
+// T * group > 128 (trees at GQA group 4): one block per KV head up to 256 rows, alone on its SM.
+using LargeTile = TileConfig<8, 2, 32, 3, 1>;
+// 64 < T * group <= 128: two blocks per SM.
+using MediumTile = TileConfig<4, 2, 32, 2, 2>;
+// Decode and small trees: one m-tile per warp, two blocks per SM.
+using SmallTile = TileConfig<4, 1, 64, 2, 2>;
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <int kHeadDim>
+// Q tile, then the K and V stages.
+template <typename Cfg, int kHeadDim>
 constexpr int smem_bytes() {
-  return 2 /*K, V*/ * 2 /*stages*/ * kBlockN * kHeadDim * 2 /*bytes*/;
+  return (Cfg::kRows + 2 * Cfg::kStages * Cfg::kBlockN) * kHeadDim * 2 /*bytes*/;
 }
+static_assert(smem_bytes<LargeTile, 128>() <= 227 * 1024);
+static_assert(MediumTile::kMinBlocks * (smem_bytes<MediumTile, 128>() + 1024) <= 228 * 1024);
+static_assert(SmallTile::kMinBlocks * (smem_bytes<SmallTile, 128>() + 1024) <= 228 * 1024);
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -40,7 +64,10 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int s
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+template <int kPending>  // waits until at most kPending of this thread's groups are in flight
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -88,12 +115,32 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Element offset of 16-byte chunk `chunk` of row `row` in a [rows][kHeadDim] tile: the chunk
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][kHeadDim] tile: the chunk
 // index is XOR-swizzled with the row so that ldmatrix's 8 rows hit 8 different bank groups.
 template <int kHeadDim>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+__device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
+  return (row * kHeadDim + ((chunk ^ (row & 7)) << 3)) * 2;
 }
+
+// ldmatrix.x4 of the 16x16 block at (row0, 16 * step) of a swizzled tile, matrices in the order
+// (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 8-15).
+// Lane l addresses row (l / 8 % 2) * 8 + l % 8 and chunk 2 * step + l / 16, so its swizzled
+// chunk is 8 * (step / 4) + ((2 * (step % 4)) ^ x) with x = l / 16 ^ l % 8: four per-thread
+// offsets (step % 4) cover every step, the rest are immediates.
+template <int kHeadDim>
+struct FragOffsets {
+  uint32_t off[4];
+  __device__ __forceinline__ explicit FragOffsets(int lane) {
+    const int row = ((lane >> 3) & 1) * 8 + (lane & 7);
+    const int x = (lane >> 4) ^ (lane & 7);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) off[j] = (row * kHeadDim + (((2 * j) ^ x) << 3)) * 2;
+  }
+  // Byte address of this lane's row for the block at (row0, 16 * step); row0 a multiple of 8.
+  __device__ __forceinline__ uint32_t at(uint32_t tile, int row0, int step) const {
+    return tile + off[step % 4] + row0 * kHeadDim * 2 + (step / 4) * 128;
+  }
+};
 
 __device__ __forceinline__ int64_t load_len(const TreeAttentionParams& p, int64_t b) {
   const int64_t len = p.lens_int64 ? static_cast<const int64_t*>(p.cache_lens)[b]
@@ -102,34 +149,44 @@ __device__ __forceinline__ int64_t load_len(const TreeAttentionParams& p, int64_
 }
 
 // Copies keys [key0, key0 + kBlockN) of one KV head into a swizzled tile; keys >= n become 0.
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void load_tile(T* tile, const T* head_base, int64_t seq_stride, int key0, int n) {
+template <typename Cfg, typename T, int kHeadDim>
+__device__ __forceinline__ void load_kv_tile(uint32_t tile, const T* head_base, int64_t seq_stride, int key0,
+                                             int n) {
   constexpr int kChunks = kHeadDim / 8;
+  static_assert(Cfg::kBlockN * kChunks % Cfg::kThreads == 0);
 #pragma unroll
-  for (int c = threadIdx.x; c < kBlockN * kChunks; c += kThreads) {
+  for (int i = 0; i < Cfg::kBlockN * kChunks / Cfg::kThreads; ++i) {
+    const int c = i * Cfg::kThreads + threadIdx.x;
     const int row = c / kChunks, chunk = c % kChunks;
     const int key = key0 + row;
     const bool valid = key < n;
     const T* src = valid ? head_base + key * seq_stride + chunk * 8 : head_base;
-    cp_async_16(smem_addr(tile + swizzle<kHeadDim>(row, chunk)), src, valid ? 16 : 0);
+    cp_async_16(tile + swizzle<kHeadDim>(row, chunk), src, valid ? 16 : 0);
   }
 }
 
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeAttentionParams p) {
+template <typename Cfg, typename T, int kHeadDim>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention_kernel(const TreeAttentionParams p) {
+  constexpr int kMTiles = Cfg::kMTiles;
+  constexpr int kBlockN = Cfg::kBlockN;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kChunks = kHeadDim / 8;     // 16-byte chunks of a row
+  constexpr int kDSteps = kHeadDim / 16;    // k-steps of Q K^T
+  constexpr int kStepN = Cfg::kStepN;
+  constexpr int kNTiles = kStepN / 8;       // 8-key column tiles of S
+  constexpr int kOTiles = kHeadDim / 8;     // 8-wide column tiles of O
+  constexpr uint32_t kTileBytes = kBlockN * kHeadDim * 2;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* k_tiles = reinterpret_cast<T*>(smem_raw);            // [2][kBlockN][kHeadDim]
-  T* v_tiles = k_tiles + 2 * kBlockN * kHeadDim;          // [2][kBlockN][kHeadDim]
-  constexpr int kDSteps = kHeadDim / 16;                  // k-steps of Q K^T
-  constexpr int kNTiles = kBlockN / 8;                    // 8-key column tiles of S
-  constexpr int kOTiles = kHeadDim / 8;                   // 8-wide column tiles of O
+  const uint32_t q_tile = smem_addr(smem_raw);                       // [kRows][kHeadDim]
+  const uint32_t k_tiles = q_tile + Cfg::kRows * kHeadDim * 2;       // [kStages][kBlockN][kHeadDim]
+  const uint32_t v_tiles = k_tiles + kStages * kTileBytes;           // [kStages][kBlockN][kHeadDim]
 
   const int group = static_cast<int>(p.heads_q / p.heads_kv);
   const int tree_size = static_cast<int>(p.tree_size);
   const int rows_total = tree_size * group;
-  const int m_tiles = (rows_total + kBlockM - 1) / kBlockM;
-  const int m_tile = blockIdx.x % m_tiles;
-  const int split = blockIdx.x / m_tiles;
+  const int row_blocks = (rows_total + Cfg::kRows - 1) / Cfg::kRows;
+  const int row0 = (blockIdx.x % row_blocks) * Cfg::kRows;
+  const int split = blockIdx.x / row_blocks;
   const int kv_head = blockIdx.y;
   const int64_t b = blockIdx.z;
 
@@ -140,184 +197,234 @@ __global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeA
   const int tile_begin = split * tiles_per_split;
   const int tile_end = min(tiles_total, tile_begin + tiles_per_split);
 
+  // Q rows of the block (zeros past rows_total), in the first cp.async group with K/V tile 0.
+  {
+    const T* q = static_cast<const T*>(p.q);
+    static_assert(Cfg::kRows * kChunks % Cfg::kThreads == 0);
+#pragma unroll
+    for (int i = 0; i < Cfg::kRows * kChunks / Cfg::kThreads; ++i) {
+      const int c = i * Cfg::kThreads + threadIdx.x;
+      const int row = c / kChunks, chunk = c % kChunks;
+      const int grow = row0 + row;
+      const bool valid = grow < rows_total;
+      const int64_t q_row = (b * tree_size + grow / group) * p.heads_q + kv_head * group + grow % group;
+      cp_async_16(q_tile + swizzle<kHeadDim>(row, chunk), valid ? q + q_row * kHeadDim + chunk * 8 : q,
+                  valid ? 16 : 0);
+    }
+  }
   const T* k_head = static_cast<const T*>(p.k) + b * p.kv_batch_stride[0] + kv_head * kHeadDim;
   const T* v_head = static_cast<const T*>(p.v) + b * p.kv_batch_stride[1] + kv_head * kHeadDim;
-  if (tile_begin < tile_end) {
-    load_tile<T, kHeadDim>(k_tiles, k_head, p.kv_seq_stride[0], tile_begin * kBlockN, n);
-    load_tile<T, kHeadDim>(v_tiles, v_head, p.kv_seq_stride[1], tile_begin * kBlockN, n);
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (tile_begin + st < tile_end) {
+      load_kv_tile<Cfg, T, kHeadDim>(k_tiles + st * kTileBytes, k_head, p.kv_seq_stride[0],
+                                     (tile_begin + st) * kBlockN, n);
+      load_kv_tile<Cfg, T, kHeadDim>(v_tiles + st * kTileBytes, v_head, p.kv_seq_stride[1],
+                                     (tile_begin + st) * kBlockN, n);
+    }
+    cp_async_commit();
   }
-  cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quad_row = lane / 4, quad_col = lane % 4;
-  // This thread's two accumulator rows (g and g + 8 of the warp's 16).
-  int row[2], node[2];
-  row[0] = m_tile * kBlockM + warp * 16 + quad_row;
-  row[1] = row[0] + 8;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) node[r] = min(row[r] / group, tree_size - 1);
-
-  // Q as A fragments, straight from global memory (read once per block).
-  uint32_t q_frag[kDSteps][4];
-  {
-    const uint32_t* q_row[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int head = kv_head * group + row[r] % group;
-      q_row[r] = row[r] < rows_total
-                     ? reinterpret_cast<const uint32_t*>(static_cast<const T*>(p.q) +
-                                                         ((b * tree_size + node[r]) * p.heads_q + head) * kHeadDim)
-                     : nullptr;
-    }
-#pragma unroll
-    for (int ks = 0; ks < kDSteps; ++ks) {
-      q_frag[ks][0] = q_row[0] ? q_row[0][ks * 8 + quad_col] : 0u;
-      q_frag[ks][1] = q_row[1] ? q_row[1][ks * 8 + quad_col] : 0u;
-      q_frag[ks][2] = q_row[0] ? q_row[0][ks * 8 + 4 + quad_col] : 0u;
-      q_frag[ks][3] = q_row[1] ? q_row[1][ks * 8 + 4 + quad_col] : 0u;
-    }
-  }
+  const int warp_row0 = warp * kMTiles * 16;  // first of this warp's rows within the block
+  const bool warp_has_rows = row0 + warp_row0 < rows_total;
+  // Row (within the block) of accumulator half r of m-tile mt: g or g + 8 of the m-tile's 16.
+  auto thread_row = [&](int mt, int r) { return warp_row0 + mt * 16 + r * 8 + quad_row; };
+  // Its node; recomputed where needed rather than held in registers across the loop.
+  auto node_of = [&](int row) { return min((row0 + row) / group, tree_size - 1); };
 
   const float scale_log2 = p.scale * kLog2e;
-  float o_acc[kOTiles][4];
+  float o_acc[kMTiles][kOTiles][4];
 #pragma unroll
-  for (int t = 0; t < kOTiles; ++t) o_acc[t][0] = o_acc[t][1] = o_acc[t][2] = o_acc[t][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain
-  float row_sum[2] = {0.f, 0.f};              // this thread's share; summed over the quad at the end
-
-  const int32_t* mask_row[2] = {nullptr, nullptr};
-  if (p.tree_mask != nullptr) {
+  for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) mask_row[r] = p.tree_mask + (b * tree_size + node[r]) * p.mask_words;
+    for (int t = 0; t < kOTiles; ++t) o_acc[mt][t][0] = o_acc[mt][t][1] = o_acc[mt][t][2] = o_acc[mt][t][3] = 0.f;
+  }
+  float row_max[kMTiles][2], row_sum[kMTiles][2];  // max in the log2 domain; sum: this thread's share
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
 
-  // ldmatrix lane roles: matrix lane / 8, row lane % 8 of it.
-  const int ld_matrix = lane >> 3, ld_row = lane & 7;
+  const FragOffsets<kHeadDim> frag(lane);
+  const uint32_t q_warp = q_tile + warp_row0 * kHeadDim * 2;
 
+  int stage = 0, load_stage = kStages - 1;
   for (int tile = tile_begin; tile < tile_end; ++tile) {
-    const int stage = (tile - tile_begin) & 1;
-    cp_async_wait_all();
-    __syncthreads();  // the tile is visible to all, and everyone is done with the other stage
-    if (tile + 1 < tile_end) {
-      load_tile<T, kHeadDim>(k_tiles + (stage ^ 1) * kBlockN * kHeadDim, k_head, p.kv_seq_stride[0],
-                             (tile + 1) * kBlockN, n);
-      load_tile<T, kHeadDim>(v_tiles + (stage ^ 1) * kBlockN * kHeadDim, v_head, p.kv_seq_stride[1],
-                             (tile + 1) * kBlockN, n);
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // the tile is visible to all, and everyone is done with the stage refilled next
+    if (tile + kStages - 1 < tile_end) {
+      load_kv_tile<Cfg, T, kHeadDim>(k_tiles + load_stage * kTileBytes, k_head, p.kv_seq_stride[0],
+                                     (tile + kStages - 1) * kBlockN, n);
+      load_kv_tile<Cfg, T, kHeadDim>(v_tiles + load_stage * kTileBytes, v_head, p.kv_seq_stride[1],
+                                     (tile + kStages - 1) * kBlockN, n);
     }
     cp_async_commit();
-    const T* k_tile = k_tiles + stage * kBlockN * kHeadDim;
-    const T* v_tile = v_tiles + stage * kBlockN * kHeadDim;
+    const uint32_t k_tile = k_tiles + stage * kTileBytes;
+    const uint32_t v_tile = v_tiles + stage * kTileBytes;
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
+    if (!warp_has_rows) continue;  // it still loads and syncs, e.g. warps 1-3 at decode
 
-    // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
-    float s[kNTiles][4];
+    // Not unrolled: overlapping two steps would need a second set of S registers.
+#pragma unroll 1
+    for (int step = 0; step < kBlockN / kStepN; ++step) {
+      // S = Q K^T for this warp's rows and the step's keys; each K fragment serves every m-tile.
+      float s[kMTiles][kNTiles][4];
 #pragma unroll
-    for (int t = 0; t < kNTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+      for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-    for (int ks = 0; ks < kDSteps; ++ks) {
-#pragma unroll
-      for (int np = 0; np < kNTiles / 2; ++np) {
-        uint32_t kb[4];
-        const int key = np * 16 + (ld_matrix >> 1) * 8 + ld_row;
-        ldmatrix_x4(smem_addr(k_tile + swizzle<kHeadDim>(key, ks * 2 + (ld_matrix & 1))), kb);
-        mma_16816<T>(s[2 * np], q_frag[ks], kb[0], kb[1]);
-        mma_16816<T>(s[2 * np + 1], q_frag[ks], kb[2], kb[3]);
+        for (int t = 0; t < kNTiles; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
       }
-    }
-
-    const int key0 = tile * kBlockN;
-    const bool needs_mask = key0 + kBlockN > len;
 #pragma unroll
-    for (int t = 0; t < kNTiles; ++t) {
+      for (int ks = 0; ks < kDSteps; ++ks) {
+        uint32_t qa[kMTiles][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[t][e] * scale_log2;
-        if (needs_mask) {
-          const int r = e >> 1;
-          const int key = key0 + t * 8 + quad_col * 2 + (e & 1);
-          bool visible = key < len;
-          if (!visible && key < n) {
-            const int j = key - len;
-            visible = mask_row[r] != nullptr ? tree_mask_bit(mask_row[r], j) : j <= node[r];
+        for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(frag.at(q_warp, mt * 16, ks), qa[mt]);
+#pragma unroll
+        for (int np = 0; np < kNTiles / 2; ++np) {
+          uint32_t kb[4];  // keys 0-7 and 8-15 of the pair, dims 0-7 then 8-15 of the step
+          ldmatrix_x4(frag.at(k_tile, step * kStepN + np * 16, ks), kb);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma_16816<T>(s[mt][2 * np], qa[mt], kb[0], kb[2]);
+            mma_16816<T>(s[mt][2 * np + 1], qa[mt], kb[1], kb[3]);
           }
-          if (!visible) x = -INFINITY;
         }
-        s[t][e] = x;
       }
-    }
 
-    // Online softmax: new row maxima, rescale the running sums and outputs, P = 2^(S - max).
+      const int key0 = tile * kBlockN + step * kStepN;
+      const bool needs_mask = key0 + kStepN > len;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float tile_max = -INFINITY;
+      for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-      for (int t = 0; t < kNTiles; ++t) tile_max = fmaxf(tile_max, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float new_max = fmaxf(row_max[r], tile_max);
-      const float base = new_max == -INFINITY ? 0.f : new_max;  // a row that has seen no key yet
-      const float alpha = fast_exp2(row_max[r] - base);
-      row_max[r] = new_max;
-      float sum = 0.f;
+        for (int r = 0; r < 2; ++r) {
+          const int nd = needs_mask ? node_of(thread_row(mt, r)) : 0;
+          const int32_t* mask_row =
+              p.tree_mask != nullptr ? p.tree_mask + (b * tree_size + nd) * p.mask_words : nullptr;
 #pragma unroll
-      for (int t = 0; t < kNTiles; ++t) {
-        s[t][2 * r] = fast_exp2(s[t][2 * r] - base);
-        s[t][2 * r + 1] = fast_exp2(s[t][2 * r + 1] - base);
-        sum += s[t][2 * r] + s[t][2 * r + 1];
+          for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+            for (int e = 2 * r; e < 2 * r + 2; ++e) {
+              float x = s[mt][t][e] * scale_log2;
+              if (needs_mask) {
+                const int key = key0 + t * 8 + quad_col * 2 + (e & 1);
+                bool visible = key < len;
+                if (!visible && key < n) {
+                  const int j = key - len;
+                  visible = mask_row != nullptr ? tree_mask_bit(mask_row, j) : j <= nd;
+                }
+                if (!visible) x = -INFINITY;
+              }
+              s[mt][t][e] = x;
+            }
+          }
+        }
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int t = 0; t < kOTiles; ++t) {
-        o_acc[t][2 * r] *= alpha;
-        o_acc[t][2 * r + 1] *= alpha;
-      }
-    }
 
-    // O += P V: the S accumulators of two adjacent key tiles form one A fragment.
+      // Online softmax: new row maxima, rescale the running sums and outputs, P = 2^(S - max).
+      float alphas[kMTiles][2];
+      bool moved = false;
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-      for (int dp = 0; dp < kOTiles / 2; ++dp) {
-        uint32_t vb[4];
-        const int key = kk * 16 + (ld_matrix & 1) * 8 + ld_row;
-        ldmatrix_x4_trans(smem_addr(v_tile + swizzle<kHeadDim>(key, dp * 2 + (ld_matrix >> 1))), vb);
-        mma_16816<T>(o_acc[2 * dp], a, vb[0], vb[1]);
-        mma_16816<T>(o_acc[2 * dp + 1], a, vb[2], vb[3]);
+        for (int r = 0; r < 2; ++r) {
+          float tile_max = -INFINITY;
+#pragma unroll
+          for (int t = 0; t < kNTiles; ++t) tile_max = fmaxf(tile_max, fmaxf(s[mt][t][2 * r], s[mt][t][2 * r + 1]));
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+          const float new_max = fmaxf(row_max[mt][r], tile_max);
+          const float base = new_max == -INFINITY ? 0.f : new_max;  // a row that has seen no key yet
+          const float alpha = fast_exp2(row_max[mt][r] - base);
+          row_max[mt][r] = new_max;
+          float sum = 0.f;
+#pragma unroll
+          for (int t = 0; t < kNTiles; ++t) {
+            s[mt][t][2 * r] = fast_exp2(s[mt][t][2 * r] - base);
+            s[mt][t][2 * r + 1] = fast_exp2(s[mt][t][2 * r + 1] - base);
+            sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
+          }
+          row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+          alphas[mt][r] = alpha;
+          moved |= alpha != 1.f;
+        }
+      }
+      // Once the row maxima settle (after the first tiles) no row of the warp moves and the
+      // rescale of O, as many multiplies as the mma's of a step, is skipped.
+      if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+          for (int t = 0; t < kOTiles; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o_acc[mt][t][e] *= alphas[mt][e >> 1];
+          }
+        }
+      }
+
+      // O += P V: the S accumulators of two adjacent key tiles form one A fragment; each V
+      // fragment serves every m-tile.
+#pragma unroll
+      for (int kk = 0; kk < kStepN / 16; ++kk) {
+        uint32_t pa[kMTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          pa[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          pa[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          pa[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          pa[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < kOTiles / 2; ++dp) {
+          uint32_t vb[4];  // transposed: keys 0-7 and 8-15 of dims 0-7, then of dims 8-15
+          ldmatrix_x4_trans(frag.at(v_tile, step * kStepN + kk * 16, dp), vb);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma_16816<T>(o_acc[mt][2 * dp], pa[mt], vb[0], vb[1]);
+            mma_16816<T>(o_acc[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
+          }
+        }
       }
     }
   }
-  cp_async_wait_all();  // nothing may stay in flight when the block exits
+  cp_async_wait<0>();  // nothing may stay in flight when the block exits
 
   // Epilogue: normalise, write the output (or this split's partial) and the log-sum-exp.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    if (row[r] >= rows_total) continue;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const float lse = sum > 0.f ? (row_max[r] + log2f(sum)) * kLn2 : -INFINITY;
-    const int64_t head = kv_head * group + row[r] % group;
-    const int64_t out_row = (b * tree_size + node[r]) * p.heads_q + head;  // (b, node, head)
-    if (p.splits == 1) {
-      T* out = static_cast<T*>(p.out) + out_row * kHeadDim;
+  for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-      for (int t = 0; t < kOTiles; ++t) {
-        *reinterpret_cast<uint32_t*>(out + t * 8 + quad_col * 2) =
-            pack2<T>(o_acc[t][2 * r] * inv, o_acc[t][2 * r + 1] * inv);
-      }
-      if (quad_col == 0) p.lse[(b * p.heads_q + head) * tree_size + node[r]] = lse;
-    } else {
-      const int64_t rows_all = p.batch * tree_size * p.heads_q;
-      float* out = p.partial_out + (split * rows_all + out_row) * kHeadDim;
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[mt][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int row = row0 + thread_row(mt, r);
+      if (row >= rows_total) continue;
+      const int nd = row / group;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const float lse = sum > 0.f ? (row_max[mt][r] + log2f(sum)) * kLn2 : -INFINITY;
+      const int64_t head = kv_head * group + row % group;
+      const int64_t out_row = (b * tree_size + nd) * p.heads_q + head;  // (b, node, head)
+      if (p.splits == 1) {
+        T* out = static_cast<T*>(p.out) + out_row * kHeadDim;
 #pragma unroll
-      for (int t = 0; t < kOTiles; ++t) {
-        *reinterpret_cast<float2*>(out + t * 8 + quad_col * 2) =
-            make_float2(o_acc[t][2 * r] * inv, o_acc[t][2 * r + 1] * inv);
+        for (int t = 0; t < kOTiles; ++t) {
+          *reinterpret_cast<uint32_t*>(out + t * 8 + quad_col * 2) =
+              pack2<T>(o_acc[mt][t][2 * r] * inv, o_acc[mt][t][2 * r + 1] * inv);
+        }
+        if (quad_col == 0) p.lse[(b * p.heads_q + head) * tree_size + nd] = lse;
+      } else {
+        const int64_t rows_all = p.batch * tree_size * p.heads_q;
+        float* out = p.partial_out + (split * rows_all + out_row) * kHeadDim;
+#pragma unroll
+        for (int t = 0; t < kOTiles; ++t) {
+          *reinterpret_cast<float2*>(out + t * 8 + quad_col * 2) =
+              make_float2(o_acc[mt][t][2 * r] * inv, o_acc[mt][t][2 * r + 1] * inv);
+        }
+        if (quad_col == 0) p.partial_lse[split * rows_all + out_row] = lse;
       }
-      if (quad_col == 0) p.partial_lse[split * rows_all + out_row] = lse;
     }
   }
 }
