@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr ExpSum kEmpty{-FLT_MAX, 0.0f};
   constexpr ExpSumAcc kEmptyAcc{-FLT_MAX, 0.0f, 0.0f};
   RowSums sums{kEmpty, kEmpty, kEmptyAcc, kEmpty, kEmptyAcc};
-  load_slice_pair<kThreads, 2>(gs, gt, cs, ct, len, cached, global_vec, [&](int i, T sv, T tv) {
+  load_slice_pair<kThreads, 4>(gs, gt, cs, ct, len, cached, global_vec, [&](int i, T sv, T tv) {
     const float s = to_float(sv);
     sums.s1.add(s);
     if (begin + i != y) {
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   int64_t tie_last = C - 1;  // with thr_key 0 every class is kept
   if (select) {
     while (!sel.resolve(cluster, true)) {
-      for_each_pair<kThreads>(rs, rt, len, vec, [&](int, T, T t) { sel.add(key_of(t)); });
+      topk_cuda::for_each_value(rt, len, vec, [&](int, T t) { sel.add(key_of(t)); });
     }
     thr_key = sel.prefix;
     // The ties kept are the sel.remaining lowest-index ones. The slices are in index order, so

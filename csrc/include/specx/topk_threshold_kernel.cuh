@@ -123,8 +123,7 @@ struct RadixSelect {
     for (int b = threadIdx.x; b < nbins; b += kThreads) {
       const unsigned c = sh->local[b];
       if (c == 0) continue;
-      for (unsigned i = 0; i < nblocks; ++i) {
-        const unsigned r = (rank + i) % nblocks;
+      for (unsigned i = 0, r = rank; i < nblocks; ++i, r = r + 1 == nblocks ? 0 : r + 1) {
         cluster_red_add(sum + b, r, c);
         if (last && count_lower && r > rank) cluster_red_add(sh->lower + b, r, c);
       }
