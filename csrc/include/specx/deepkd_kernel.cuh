@@ -173,6 +173,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const float t_y = to_float(static_cast<const T*>(prm.teacher)[row * C + y]);
   T* cs = cached ? reinterpret_cast<T*>(slice_smem) : nullptr;
   T* ct = cached ? cs + slice_len : nullptr;
+  // Per-element tests in slice-local 32-bit indices: y's place in this slice (-1 when elsewhere).
+  const int y_at = y >= begin && y < begin + len ? static_cast<int>(y - begin) : -1;
   topk_cuda::RadixSelect sel;
   if (select) sel.init(&select_shared, kKeyBits<T>, static_cast<unsigned>(prm.k), cluster);
 
@@ -184,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   load_slice_pair<kThreads, 4>(gs, gt, cs, ct, len, cached, global_vec, [&](int i, T sv, T tv) {
     const float s = to_float(sv);
     sums.s1.add(s);
-    if (begin + i != y) {
+    if (i != y_at) {
       const float a = s * inv_t, b = to_float(tv) * inv_t;
       sums.nt_a.add(a);
       sums.nt_b.add(b, b - a);
@@ -197,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // The rest of the teacher's top-k select, then the sums over K.
   uint32_t thr_key = 0;
-  int64_t tie_last = C - 1;  // with thr_key 0 every class is kept
+  int tie_at = len;  // local index of the last kept tie; with thr_key 0 every class is kept
   if (select) {
     while (!sel.resolve(cluster, true)) {
       topk_cuda::for_each_value(rt, len, vec, [&](int, T t) { sel.add(key_of(t)); });
@@ -205,15 +207,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     thr_key = sel.prefix;
     // The ties kept are the sel.remaining lowest-index ones. The slices are in index order, so
     // this block keeps those of its own ties that rank within sel.remaining after the lower
-    // blocks' ties: tie_last is this block's last kept tie (before its slice when none is).
+    // blocks' ties: tie_at is this block's last kept tie (-1 when none is).
     if (sel.remaining <= sel.lower_ties) {
-      tie_last = -1;
+      tie_at = -1;
     } else if (sel.remaining < sel.lower_ties + sel.local_ties) {
-      tie_last = begin + topk_cuda::nth_equal_index(rt, len, thr_key, sel.remaining - sel.lower_ties, &select_shared);
+      tie_at = topk_cuda::nth_equal_index(rt, len, thr_key, sel.remaining - sel.lower_ties, &select_shared);
     }
     for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T sv, T tv) {
-      const int64_t j = begin + i;
-      if (j == y || !topk_kept(key_of(tv), j, thr_key, tie_last)) return;
+      if (i == y_at || !topk_kept(key_of(tv), i, thr_key, tie_at)) return;
       const float a = to_float(sv) * inv_t, b = to_float(tv) * inv_t;
       sums.k_a.add(a);
       sums.k_b.add(b, b - a);
@@ -254,11 +255,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float coef_tc = temp * scale * (ps - pt);
     const float coef_nc = temp * scale;
     write_grads(g_ce, g_tc, g_nc, rs, rt, len, vec && global_vec, [&](int i, T sv, T tv) {
-      const int64_t j = begin + i;
       const float s = to_float(sv);
       float3 g;
-      g.x = scale * (fast_exp2((s - lse1) * kLog2e) - (j == y ? 1.0f : 0.0f));
-      if (j == y) {
+      g.x = scale * (fast_exp2((s - lse1) * kLog2e) - (i == y_at ? 1.0f : 0.0f));
+      if (i == y_at) {
         g.y = coef_tc;
         g.z = 0.0f;
         return g;
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       const float a = s * inv_t;
       const float q_nt = fast_exp2((a - lse_nt_s) * kLog2e);  // softmax_N(a)_j
       g.y = -coef_tc * q_nt;
-      if (!topk_kept(key_of(tv), j, thr_key, tie_last)) {
+      if (!topk_kept(key_of(tv), i, thr_key, tie_at)) {
         g.z = 0.0f;
         return g;
       }
