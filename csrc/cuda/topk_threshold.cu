@@ -8,8 +8,9 @@
 namespace specx {
 namespace {
 
-// Slices this small let two blocks share an SM, so one block's loads overlap another's passes.
-constexpr int64_t kPreferredSliceBytes = 64 * 1024;
+// Slices this small (plus the select's 33 KiB) let three blocks share an SM, so one block's loads
+// overlap the others' passes and about 48 KiB of loads per SM are in flight.
+constexpr int64_t kPreferredSliceBytes = 32 * 1024;
 constexpr int64_t kMaxSliceBytes = 200 * 1024;
 constexpr int kMaxCluster = 8;  // the portable cluster size
 

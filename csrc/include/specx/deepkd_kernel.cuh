@@ -12,8 +12,13 @@
 //   d ce / d s_j   = softmax(s)_j - [j = y]
 //   d tckd / d s_j = T (p_s - p_t) ([j = y] - [j in N] softmax_N(a)_j)
 //   d nckd / d s_j = T [j in K] (softmax_K(a)_j - softmax_K(b)_j)
-// Every sum over N or K is taken relative to that set's own maximum, so no sum underflows to 0.
+// Every sum over N or K is an online (running max, sum) pair relative to that set's own maximum,
+// so no sum underflows to 0 and the sums over N (and K = N without a top-k) are done while the
+// slice loads. Passes: load (+ the first select digit), the remaining select passes and one pass
+// for the sums over K (with a top-k only), then the gradients: one cluster reduction in all.
 #pragma once
+#include <cfloat>
+
 #include "specx/speckd_kernel.cuh"  // cluster_allreduce, kLog2e
 #include "specx/topk_threshold_kernel.cuh"
 
@@ -26,38 +31,65 @@ using topk_cuda::kKeyBits;
 
 constexpr int kThreads = topk_cuda::kThreads;
 
-struct NonTargetMax {
-  float s;  // max of s over N
-  float t;  // max of t over N
+// sum_j exp(x_j - m) over a set, m its running maximum; empty: m = -FLT_MAX (finite, so that no
+// exp argument is NaN), s = 0.
+struct ExpSum {
+  float m;
+  float s;
+  __device__ __forceinline__ void add(float x) {
+    if (x > m) {
+      s = s * fast_exp2((m - x) * kLog2e) + 1.0f;
+      m = x;
+    } else {
+      s += fast_exp2((x - m) * kLog2e);
+    }
+  }
+  __device__ __forceinline__ float lse() const { return m + logf(s); }  // -inf when empty
 };
-// Sums of one row; the student's kept-set sum is an online (running max, sum) pair.
-struct RowSums {
-  float sum_s1;    // sum_j exp(s_j - M1), M1 = max s
-  float sum_nt_s;  // sum_N exp(a_j - Ms), Ms = max_N a
-  float sum_nt_t;  // sum_N exp(b_j - Mt), Mt = max_N b
-  float sum_k_t;   // sum_K exp(b_j - Mt)   (max_K b = Mt whenever K is not empty)
-  float acc;       // sum_K exp(b_j - Mt) ((b_j - Mt) - (a_j - Ms))
-  float max_k_s;   // max_K a
-  float sum_k_s;   // sum_K exp(a_j - max_K a)
-  float pad;
+// The same, plus acc = sum_j exp(x_j - m) w_j.
+struct ExpSumAcc {
+  float m;
+  float s;
+  float acc;
+  __device__ __forceinline__ void add(float x, float w) {
+    if (x > m) {
+      const float f = fast_exp2((m - x) * kLog2e);
+      s = s * f + 1.0f;
+      acc = acc * f + w;
+      m = x;
+    } else {
+      const float e = fast_exp2((x - m) * kLog2e);
+      s += e;
+      acc += e * w;
+    }
+  }
+  __device__ __forceinline__ float lse() const { return m + logf(s); }
 };
 
-__device__ __forceinline__ NonTargetMax combine(NonTargetMax x, NonTargetMax y) {
-  return {fmaxf(x.s, y.s), fmaxf(x.t, y.t)};
+// Sums of one row.
+struct RowSums {
+  ExpSum s1;     // s over all classes
+  ExpSum nt_a;   // a over N
+  ExpSumAcc nt_b;  // b over N, acc: w = b - a
+  ExpSum k_a;    // a over K
+  ExpSumAcc k_b;   // b over K, acc: w = b - a
+};
+
+// The factor that moves a sum relative to m to one relative to `to` (>= m); 0 for an empty set.
+__device__ __forceinline__ float rescale(float s, float m, float to) {
+  return s > 0.0f ? fast_exp2((m - to) * kLog2e) : 0.0f;
+}
+__device__ __forceinline__ ExpSum combine(ExpSum x, ExpSum y) {
+  const float m = fmaxf(x.m, y.m);
+  return {m, x.s * rescale(x.s, x.m, m) + y.s * rescale(y.s, y.m, m)};
+}
+__device__ __forceinline__ ExpSumAcc combine(ExpSumAcc x, ExpSumAcc y) {
+  const float m = fmaxf(x.m, y.m), fx = rescale(x.s, x.m, m), fy = rescale(y.s, y.m, m);
+  return {m, x.s * fx + y.s * fy, x.acc * fx + y.acc * fy};
 }
 __device__ __forceinline__ RowSums combine(RowSums x, RowSums y) {
-  RowSums r;
-  r.sum_s1 = x.sum_s1 + y.sum_s1;
-  r.sum_nt_s = x.sum_nt_s + y.sum_nt_s;
-  r.sum_nt_t = x.sum_nt_t + y.sum_nt_t;
-  r.sum_k_t = x.sum_k_t + y.sum_k_t;
-  r.acc = x.acc + y.acc;
-  r.max_k_s = fmaxf(x.max_k_s, y.max_k_s);
-  r.sum_k_s = 0.0f;
-  if (x.sum_k_s > 0.0f) r.sum_k_s += x.sum_k_s * fast_exp2((x.max_k_s - r.max_k_s) * kLog2e);
-  if (y.sum_k_s > 0.0f) r.sum_k_s += y.sum_k_s * fast_exp2((y.max_k_s - r.max_k_s) * kLog2e);
-  r.pad = 0.0f;
-  return r;
+  return {combine(x.s1, y.s1), combine(x.nt_a, y.nt_a), combine(x.nt_b, y.nt_b), combine(x.k_a, y.k_a),
+          combine(x.k_b, y.k_b)};
 }
 
 __device__ __forceinline__ float log_add_exp(float x, float y) {
@@ -132,7 +164,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   extern __shared__ __align__(16) unsigned char slice_smem[];
   __shared__ topk_cuda::SelectShared select_shared;
-  __shared__ NonTargetMax slot_max, res_max;
   __shared__ RowSums slot_sums, res_sums;
   __shared__ alignas(16) unsigned char scratch[kThreads / 32 * sizeof(RowSums)];
 
@@ -142,86 +173,65 @@ __global__ void __launch_bounds__(kThreads, 2)
   const float t_y = to_float(static_cast<const T*>(prm.teacher)[row * C + y]);
   T* cs = cached ? reinterpret_cast<T*>(slice_smem) : nullptr;
   T* ct = cached ? cs + slice_len : nullptr;
+  // Per-element tests in slice-local 32-bit indices: y's place in this slice (-1 when elsewhere).
+  const int y_at = y >= begin && y < begin + len ? static_cast<int>(y - begin) : -1;
   topk_cuda::RadixSelect sel;
-  if (select) {
-    topk_cuda::clear_histograms(&select_shared);
-    sel.init(&select_shared, kKeyBits<T>, static_cast<unsigned long long>(prm.k), 0);
-  }
+  if (select) sel.init(&select_shared, kKeyBits<T>, static_cast<unsigned>(prm.k), cluster);
 
-  // Pass 1: stream the slice in (once): the non-target maxima and the first select digit.
-  NonTargetMax local{-INFINITY, -INFINITY};
-  {
-    auto visit = [&](int i, T s, T t) {
-      if (begin + i != y) {
-        local.s = fmaxf(local.s, to_float(s));
-        local.t = fmaxf(local.t, to_float(t));
-      }
-      if (select) sel.add(key_of(t));
-    };
-    load_slice_pair<kThreads, 2>(gs, gt, cs, ct, len, cached, global_vec, visit);
-  }
+  // Pass 1: stream the slice in (once): the sums over all classes and over N, and the first
+  // select digit.
+  constexpr ExpSum kEmpty{-FLT_MAX, 0.0f};
+  constexpr ExpSumAcc kEmptyAcc{-FLT_MAX, 0.0f, 0.0f};
+  RowSums sums{kEmpty, kEmpty, kEmptyAcc, kEmpty, kEmptyAcc};
+  load_slice_pair<kThreads, 4>(gs, gt, cs, ct, len, cached, global_vec, [&](int i, T sv, T tv) {
+    const float s = to_float(sv);
+    sums.s1.add(s);
+    if (i != y_at) {
+      const float a = s * inv_t, b = to_float(tv) * inv_t;
+      sums.nt_a.add(a);
+      sums.nt_b.add(b, b - a);
+    }
+    if (select) sel.add(key_of(tv));
+  });
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;
   const bool vec = cached || global_vec;
 
-  // The rest of the teacher's top-k select, then the index select that resolves ties.
+  // The rest of the teacher's top-k select, then the sums over K.
   uint32_t thr_key = 0;
-  int64_t tie_last = C - 1;  // with thr_key 0 every class is kept
+  int tie_at = len;  // local index of the last kept tie; with thr_key 0 every class is kept
   if (select) {
-    bool done = sel.resolve(cluster);
-    while (!done) {
-      for_each_pair<kThreads>(rs, rt, len, vec, [&](int, T, T t) { sel.add(key_of(t)); });
-      done = sel.resolve(cluster);
+    while (!sel.resolve(cluster, true)) {
+      topk_cuda::for_each_value(rt, len, vec, [&](int, T t) { sel.add(key_of(t)); });
     }
     thr_key = sel.prefix;
-    if (sel.tie_count > sel.remaining) {
-      // The remaining-th lowest index among the ties is the remaining-th largest of C-1-j.
-      topk_cuda::RadixSelect tie;
-      tie.init(&select_shared, index_bits(C), sel.remaining, sel.pass);
-      bool tie_done = false;
-      while (!tie_done) {
-        for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T, T t) {
-          if (key_of(t) == thr_key) tie.add(static_cast<uint32_t>(C - 1 - (begin + i)));
-        });
-        tie_done = tie.resolve(cluster);
-      }
-      tie_last = C - 1 - static_cast<int64_t>(tie.prefix);
+    // The ties kept are the sel.remaining lowest-index ones. The slices are in index order, so
+    // this block keeps those of its own ties that rank within sel.remaining after the lower
+    // blocks' ties: tie_at is this block's last kept tie (-1 when none is).
+    if (sel.remaining <= sel.lower_ties) {
+      tie_at = -1;
+    } else if (sel.remaining < sel.lower_ties + sel.local_ties) {
+      tie_at = topk_cuda::nth_equal_index(rt, len, thr_key, sel.remaining - sel.lower_ties, &select_shared);
     }
+    for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T sv, T tv) {
+      if (i == y_at || !topk_kept(key_of(tv), i, thr_key, tie_at)) return;
+      const float a = to_float(sv) * inv_t, b = to_float(tv) * inv_t;
+      sums.k_a.add(a);
+      sums.k_b.add(b, b - a);
+    });
   }
-  const NonTargetMax rmax = speckd_cuda::cluster_allreduce(local, &slot_max, &res_max,
-                                                           reinterpret_cast<NonTargetMax*>(scratch));
-  const float m1 = fmaxf(s_y, rmax.s);
-  const float ms = rmax.s * inv_t, mt = rmax.t * inv_t;
-
-  // Pass 2: the sums.
-  RowSums sums{0.f, 0.f, 0.f, 0.f, 0.f, -INFINITY, 0.f, 0.f};
-  for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T sv, T tv) {
-    const int64_t j = begin + i;
-    const float s = to_float(sv);
-    sums.sum_s1 += fast_exp2((s - m1) * kLog2e);
-    if (j == y) return;
-    const float da = s * inv_t - ms, db = to_float(tv) * inv_t - mt;
-    sums.sum_nt_s += fast_exp2(da * kLog2e);
-    const float et = fast_exp2(db * kLog2e);
-    sums.sum_nt_t += et;
-    if (topk_kept(key_of(tv), j, thr_key, tie_last)) {
-      sums.sum_k_t += et;
-      sums.acc += et * (db - da);
-      const float a = s * inv_t;
-      if (a > sums.max_k_s) {
-        sums.sum_k_s = sums.sum_k_s * fast_exp2((sums.max_k_s - a) * kLog2e) + 1.0f;
-        sums.max_k_s = a;
-      } else {
-        sums.sum_k_s += fast_exp2((a - sums.max_k_s) * kLog2e);
-      }
-    }
-  });
-  const RowSums r = speckd_cuda::cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
+  RowSums r = speckd_cuda::cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
+  // This block is done with the other blocks' shared memory; it waits for them before leaving.
+  cluster.barrier_arrive();
+  if (!select) {  // K = N
+    r.k_a = r.nt_a;
+    r.k_b = r.nt_b;
+  }
 
   const float temp = prm.temperature, temp2 = temp * temp;
-  const float lse1 = m1 + logf(r.sum_s1);
+  const float lse1 = r.s1.lse();
   const float a_y = s_y * inv_t, b_y = t_y * inv_t;
-  const float lse_nt_s = ms + logf(r.sum_nt_s), lse_nt_t = mt + logf(r.sum_nt_t);  // -inf when N is empty
+  const float lse_nt_s = r.nt_a.lse(), lse_nt_t = r.nt_b.lse();  // -inf when N is empty
   const float lse_s = log_add_exp(a_y, lse_nt_s), lse_t = log_add_exp(b_y, lse_nt_t);
   const float log_ps = a_y - lse_s, log_1mps = lse_nt_s - lse_s;
   const float log_pt = b_y - lse_t, log_1mpt = lse_nt_t - lse_t;
@@ -230,9 +240,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (pt > 0.0f) tckd += pt * (log_pt - log_ps);
   if (one_m_pt > 0.0f) tckd += one_m_pt * (log_1mpt - log_1mps);
   tckd *= temp2;
-  const bool kept_any = r.sum_k_t > 0.0f;
-  const float log_sum_k_t = logf(r.sum_k_t), log_sum_k_s = logf(r.sum_k_s);
-  const float nckd = kept_any ? temp2 * (r.acc / r.sum_k_t + r.max_k_s - ms - log_sum_k_t + log_sum_k_s) : 0.0f;
+  const float lse_k_s = r.k_a.lse(), lse_k_t = r.k_b.lse();
+  // KL(softmax_K(b) || softmax_K(a)) = sum_K softmax_K(b)_j (b_j - a_j) - lse_K(b) + lse_K(a).
+  const float nckd = r.k_b.s > 0.0f ? temp2 * (r.k_b.acc / r.k_b.s - lse_k_t + lse_k_s) : 0.0f;
   if (rank == 0 && threadIdx.x == 0) {
     prm.row_losses[3 * row] = lse1 - s_y;
     prm.row_losses[3 * row + 1] = tckd;
@@ -244,28 +254,29 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float scale = *prm.grad_scale;
     const float coef_tc = temp * scale * (ps - pt);
     const float coef_nc = temp * scale;
-    // log-space offsets: softmax_N(a)_j = exp(a_j - lse_nt_s), softmax_K(a)_j = exp(a_j - lse_k_s).
-    const float lse_k_s = r.max_k_s + log_sum_k_s, lse_k_t = mt + log_sum_k_t;
     write_grads(g_ce, g_tc, g_nc, rs, rt, len, vec && global_vec, [&](int i, T sv, T tv) {
-      const int64_t j = begin + i;
       const float s = to_float(sv);
       float3 g;
-      g.x = scale * (fast_exp2((s - lse1) * kLog2e) - (j == y ? 1.0f : 0.0f));
-      if (j == y) {
+      g.x = scale * (fast_exp2((s - lse1) * kLog2e) - (i == y_at ? 1.0f : 0.0f));
+      if (i == y_at) {
         g.y = coef_tc;
         g.z = 0.0f;
         return g;
       }
       const float a = s * inv_t;
-      g.y = -coef_tc * fast_exp2((a - lse_nt_s) * kLog2e);
-      g.z = topk_kept(key_of(tv), j, thr_key, tie_last)
-                ? coef_nc * (fast_exp2((a - lse_k_s) * kLog2e) - fast_exp2((to_float(tv) * inv_t - lse_k_t) * kLog2e))
-                : 0.0f;
+      const float q_nt = fast_exp2((a - lse_nt_s) * kLog2e);  // softmax_N(a)_j
+      g.y = -coef_tc * q_nt;
+      if (!topk_kept(key_of(tv), i, thr_key, tie_at)) {
+        g.z = 0.0f;
+        return g;
+      }
+      // Without a top-k, K = N and softmax_K(a) is softmax_N(a): one exp less per class.
+      const float q_k = select ? fast_exp2((a - lse_k_s) * kLog2e) : q_nt;
+      g.z = coef_nc * (q_k - fast_exp2((to_float(tv) * inv_t - lse_k_t) * kLog2e));
       return g;
     });
   }
-  // No block may leave while another can still read its shared memory.
-  cluster.sync();
+  cluster.barrier_wait();
 }
 
 }  // namespace specx::deepkd_cuda

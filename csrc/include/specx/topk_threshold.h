@@ -34,13 +34,6 @@ SPECX_HD uint32_t ordered_key16(uint32_t bits) {
 SPECX_HD uint32_t key_to_bits32(uint32_t key) { return (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key; }
 SPECX_HD uint32_t key_to_bits16(uint32_t key) { return (key & 0x8000u) ? (key & 0x7FFFu) : (~key & 0xFFFFu); }
 
-// Bits needed to write indices 0 .. n-1 (at least 1).
-SPECX_HD int index_bits(int64_t n) {
-  int bits = 1;
-  while (bits < 62 && (int64_t{1} << bits) < n) ++bits;
-  return bits;
-}
-
 struct TopKSelection {
   uint32_t key;      // key of the k-th largest entry
   int64_t greater;   // entries with a larger key

@@ -3,15 +3,16 @@
 // One thread-block cluster owns one row; each block keeps its slice of the row in shared memory
 // (read from HBM once). Each pass histograms the next 11-bit digit of the ordered key among the
 // entries that match the digits decided so far (shared-memory atomics, 2048 bins: wide enough that
-// logits concentrated in a few exponents still spread over many bins), the blocks' histograms are
-// summed through distributed shared memory, and every block picks the same digit. 16-bit keys
+// logits concentrated in a few exponents still spread over many bins). Each block then adds its
+// non-zero bins into every block's copy of the cluster histogram (remote atomics, fire and forget:
+// a handful of bins for logit-like rows), so after one cluster barrier every block scans a complete
+// local histogram and picks the same digit; no block reads another's shared memory. 16-bit keys
 // (bf16, fp16) take 2 passes, fp32 keys 3. The first pass runs while the slice is being loaded.
 #pragma once
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "specx/reduce.cuh"
 #include "specx/slice.cuh"
 #include "specx/topk_threshold.h"
 
@@ -22,7 +23,7 @@ namespace cg = cooperative_groups;
 constexpr int kThreads = 256;
 constexpr int kDigitBits = 11;
 constexpr int kBins = 1 << kDigitBits;
-constexpr int kBinsPerThread = kBins / kThreads;
+constexpr int kBinsPerThread = kBins / kThreads;  // every digit width (11, 10, 5) has a multiple of this many bins
 
 __device__ __forceinline__ uint32_t key_of(float v) { return ordered_key32(__float_as_uint(v)); }
 __device__ __forceinline__ uint32_t key_of(__nv_bfloat16 v) { return ordered_key16(__bfloat16_as_ushort(v)); }
@@ -42,15 +43,30 @@ __device__ __forceinline__ T value_of_key(uint32_t key) {
 template <typename T>
 constexpr int kKeyBits = 8 * sizeof(T);
 
-// Shared memory of one select. Two histograms alternate between passes, so a block can clear the
-// next one while the other blocks of its cluster still read the current one.
+// *addr += v in block `rank`'s copy of this block's shared variable at addr, without a return
+// value (the generic atomicAdd would wait for one).
+__device__ __forceinline__ void cluster_red_add(unsigned* addr, unsigned rank, unsigned v) {
+  uint32_t remote;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;"
+      : "=r"(remote)
+      : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(addr))), "r"(rank));
+  asm volatile("red.relaxed.cluster.shared::cluster.add.u32 [%0], %1;" ::"r"(remote), "r"(v) : "memory");
+}
+
+// Shared memory of one select (one per block and kernel: the last pass leaves it dirty).
 struct SelectShared {
-  unsigned hist[2][kBins];
-  unsigned long long prefix[kThreads];
-  unsigned long long warp_totals[kThreads / 32];
+  unsigned local[kBins];   // this block's histogram of the current pass
+  // The cluster's histogram, summed here by every block. Passes alternate between the two, so a
+  // block can push the next pass into one while a slower block still scans the other.
+  unsigned sum[2][kBins];
+  unsigned lower[kBins];   // the last pass's histogram of the lower-ranked blocks (for the tie rule)
+  unsigned warp_totals[kThreads / 32];
   uint32_t digit;
-  unsigned long long before;
+  unsigned before;
   unsigned bin_count;
+  unsigned local_ties;
+  unsigned lower_ties;
+  int found;
 };
 
 // The k-th largest of a row's keys. Every thread of every block of the cluster holds the same
@@ -61,14 +77,16 @@ struct RadixSelect {
   int width;           // bits in the current digit
   uint32_t prefix;     // the digits decided so far, in place
   uint32_t high_mask;  // which bits of prefix are decided
-  unsigned long long remaining;  // the rank sought among the keys matching prefix (1-based)
-  unsigned long long greater;    // keys above the prefix
-  unsigned tie_count;            // after the last pass: the keys equal to the result
-  int pass;                      // parity picks the histogram; continues across selects
+  unsigned remaining;  // the rank sought among the keys matching prefix (1-based)
+  unsigned greater;    // keys above the prefix
+  unsigned tie_count;  // after the last pass: the keys equal to the result, in the whole row
+  unsigned local_ties; // ... in this block's slice
+  unsigned lower_ties; // ... in the slices of lower-ranked blocks (when resolve() counted them)
+  int pass;
 
-  // Histogram `start_pass & 1` must be zero: clear_histograms() before a block's first select;
-  // a select's last resolve() leaves the one the next select starts on cleared.
-  __device__ __forceinline__ void init(SelectShared* s, int key_bits, unsigned long long k, int start_pass) {
+  // Clears the histograms and arrives on the cluster barrier that the first resolve() waits on, so
+  // no block pushes into a histogram its owner has not cleared yet. Called by all threads.
+  __device__ __forceinline__ void init(SelectShared* s, int key_bits, unsigned k, cg::cluster_group& cluster) {
     sh = s;
     width = key_bits < kDigitBits ? key_bits : kDigitBits;
     shift = key_bits - width;
@@ -76,53 +94,83 @@ struct RadixSelect {
     high_mask = 0;
     remaining = k;
     greater = 0;
-    tie_count = 0;
-    pass = start_pass;
+    tie_count = local_ties = lower_ties = 0;
+    pass = 0;
+    for (int i = threadIdx.x; i < 4 * kBins; i += kThreads) (&sh->local[0])[i] = 0;
+    if (threadIdx.x == 0) sh->found = -1;
+    __syncthreads();
+    cluster.barrier_arrive();
   }
 
   __device__ __forceinline__ bool candidate(uint32_t key) const { return (key & high_mask) == prefix; }
 
   __device__ __forceinline__ void add(uint32_t key) {
-    if (candidate(key)) atomicAdd(&sh->hist[pass & 1][(key >> shift) & ((1u << width) - 1u)], 1u);
+    if (candidate(key)) atomicAdd(&sh->local[(key >> shift) & ((1u << width) - 1u)], 1u);
   }
 
-  // Sums the cluster's histograms, picks the digit holding the remaining-th largest key and
-  // clears the other histogram for the next pass. Returns true when the key is complete.
-  __device__ bool resolve(cg::cluster_group& cluster) {
-    __syncthreads();
-    cluster.sync();  // every block's histogram of this pass is complete
-    const unsigned nblocks = cluster.num_blocks();
-    unsigned* hist = sh->hist[pass & 1];
+  // Sums the cluster's histograms, picks the digit holding the remaining-th largest key and clears
+  // this pass's histograms. Returns true when the key is complete; then local_ties is set, and
+  // lower_ties too when `count_lower`.
+  __device__ bool resolve(cg::cluster_group& cluster, bool count_lower) {
+    const unsigned nblocks = cluster.num_blocks(), rank = cluster.block_rank();
     const int nbins = 1 << width;
-    unsigned counts[kBinsPerThread];
-    unsigned long long mine = 0;
-#pragma unroll
-    for (int e = 0; e < kBinsPerThread; ++e) {
-      const int digit = nbins - 1 - (static_cast<int>(threadIdx.x) * kBinsPerThread + e);  // descending
-      unsigned c = 0;
-      if (digit >= 0) {
-        for (unsigned r = 0; r < nblocks; ++r) c += cluster.map_shared_rank(hist, r)[digit];
+    const bool last = shift == 0;
+    unsigned* sum = sh->sum[pass & 1];
+    __syncthreads();                        // this block's histogram is complete
+    if (pass == 0) cluster.barrier_wait();  // every block has cleared its histograms (init)
+    // Consecutive bins go to different threads, so the few hot bins spread over the block; each
+    // thread starts at its own rank so the pushes spread over the cluster.
+    for (int b = threadIdx.x; b < nbins; b += kThreads) {
+      const unsigned c = sh->local[b];
+      if (c == 0) continue;
+      for (unsigned i = 0, r = rank; i < nblocks; ++i, r = r + 1 == nblocks ? 0 : r + 1) {
+        cluster_red_add(sum + b, r, c);
+        if (last && count_lower && r > rank) cluster_red_add(sh->lower + b, r, c);
       }
-      counts[e] = c;
-      mine += c;
     }
-    block_exclusive_scan(mine, sh->prefix, sh->warp_totals);
-    unsigned long long before = sh->prefix[threadIdx.x];
+    cluster.sync();  // every block's pushes have landed
+
+    // Thread t scans digits nbins-1-8t down to nbins-8-8t (descending); 16-byte reads.
+    const int top = nbins - kBinsPerThread * static_cast<int>(threadIdx.x);
+    unsigned counts[kBinsPerThread];
+    unsigned mine = 0;
+#pragma unroll
+    for (int h = 0; h < kBinsPerThread / 4; ++h) {
+      const uint4 q = top > 0 ? *reinterpret_cast<const uint4*>(sum + top - 4 * (h + 1)) : make_uint4(0, 0, 0, 0);
+      counts[4 * h] = q.w;
+      counts[4 * h + 1] = q.z;
+      counts[4 * h + 2] = q.y;
+      counts[4 * h + 3] = q.x;
+      mine += q.x + q.y + q.z + q.w;
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    unsigned incl = mine;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const unsigned up = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += up;
+    }
+    if (lane == 31) sh->warp_totals[warp] = incl;
+    __syncthreads();
+    unsigned before = incl - mine;
+    for (int w = 0; w < warp; ++w) before += sh->warp_totals[w];
     if (before < remaining && remaining <= before + mine) {
 #pragma unroll
       for (int e = 0; e < kBinsPerThread; ++e) {
         if (before + counts[e] >= remaining) {
-          sh->digit = static_cast<uint32_t>(nbins - 1 - (static_cast<int>(threadIdx.x) * kBinsPerThread + e));
+          const int digit = top - 1 - e;
+          sh->digit = static_cast<uint32_t>(digit);
           sh->before = before;
           sh->bin_count = counts[e];
+          if (last) {
+            sh->local_ties = sh->local[digit];
+            sh->lower_ties = count_lower ? sh->lower[digit] : 0u;
+          }
           break;
         }
         before += counts[e];
       }
     }
-    // The other histogram's last readers (the previous pass) are past the cluster.sync above.
-    unsigned* next = sh->hist[(pass + 1) & 1];
-    for (int i = threadIdx.x; i < kBins; i += kThreads) next[i] = 0;
     __syncthreads();
     const uint32_t digit = sh->digit;
     greater += sh->before;
@@ -131,17 +179,60 @@ struct RadixSelect {
     prefix |= digit << shift;
     high_mask |= ((1u << width) - 1u) << shift;
     ++pass;
-    if (shift == 0) return true;
+    if (last) {
+      local_ties = sh->local_ties;
+      lower_ties = sh->lower_ties;
+      return true;
+    }
+    // This pass's sum is pushed into again two passes on, after the barrier the next pass ends with.
+    for (int b = threadIdx.x; b < nbins; b += kThreads) {
+      sh->local[b] = 0;
+      sum[b] = 0;
+    }
+    __syncthreads();
     width = shift < kDigitBits ? shift : kDigitBits;
     shift -= width;
     return false;
   }
 };
 
-// Clears both histograms (before a block's first select).
-__device__ __forceinline__ void clear_histograms(SelectShared* sh) {
-  for (int i = threadIdx.x; i < 2 * kBins; i += kThreads) (&sh->hist[0][0])[i] = 0;
-  __syncthreads();
+// The local index of the n-th (1-based, n <= their count) element of x[0, len) whose key is `key`,
+// in index order. Called by all threads of the block; each thread counts 8 consecutive elements of
+// a tile, and a scan over the threads finds the one holding the n-th.
+template <typename T>
+__device__ int nth_equal_index(const T* x, int len, uint32_t key, unsigned n, SelectShared* sh) {
+  constexpr int kPer = 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int base = 0; base < len; base += kThreads * kPer) {
+    const int lo = min(len, base + static_cast<int>(threadIdx.x) * kPer), hi = min(len, lo + kPer);
+    unsigned mine = 0;
+    for (int i = lo; i < hi; ++i) mine += key_of(x[i]) == key;
+    unsigned incl = mine;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const unsigned up = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += up;
+    }
+    if (lane == 31) sh->warp_totals[warp] = incl;
+    __syncthreads();
+    unsigned before = incl - mine, total = 0;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      if (w < warp) before += sh->warp_totals[w];
+      total += sh->warp_totals[w];
+    }
+    if (before < n && n <= before + mine) {
+      for (int i = lo; i < hi; ++i) {
+        if (key_of(x[i]) == key && ++before == n) {
+          sh->found = i;
+          break;
+        }
+      }
+    }
+    __syncthreads();
+    if (sh->found >= 0) return sh->found;
+    n -= total;
+  }
+  return len - 1;  // not reached when n is in range
 }
 
 // Calls f(local index, value) over a slice, 16 bytes at a time where `vec`.
@@ -173,9 +264,8 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(16) unsigned char slice_smem[];
   __shared__ SelectShared sh;
   T* cache = cached ? reinterpret_cast<T*>(slice_smem) : nullptr;
-  clear_histograms(&sh);
   RadixSelect sel;
-  sel.init(&sh, kKeyBits<T>, static_cast<unsigned long long>(prm.k), 0);
+  sel.init(&sh, kKeyBits<T>, static_cast<unsigned>(prm.k), cluster);
 
   // Pass 1 while loading the slice (streaming: this row is not read from HBM again).
   {
@@ -211,19 +301,15 @@ __global__ void __launch_bounds__(kThreads)
       sel.add(key_of(x));
     }
   }
-  bool done = sel.resolve(cluster);
   const T* src = cached ? cache : g;
   const bool vec = cached || global_vec;
-  while (!done) {
-    for_each_value(src, len, vec, [&](int, T x) { sel.add(key_of(x)); });
-    done = sel.resolve(cluster);
-  }
+  while (!sel.resolve(cluster, false)) for_each_value(src, len, vec, [&](int, T x) { sel.add(key_of(x)); });
   if (rank == 0 && threadIdx.x == 0) {
     static_cast<T*>(prm.threshold)[row] = value_of_key<T>(sel.prefix);
     prm.count_greater[row] = static_cast<int64_t>(sel.greater);
   }
-  // No block may leave while another can still read its histograms.
-  cluster.sync();
+  // Blocks may leave now: every access to another block's shared memory came before the last
+  // resolve's cluster barrier.
 }
 
 }  // namespace specx::topk_cuda
