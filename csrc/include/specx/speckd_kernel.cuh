@@ -315,15 +315,20 @@ __global__ void __launch_bounds__(kThreads, 3)
     if (coef == 0.0f) {
       write_grad(grad, rs, rt, len, vec && global_vec, [](float, float) { return 0.0f; });
     } else {
+      // fkl needs only q and p: their base-2 exponents directly, one multiply-add each.
+      const float lse_s2 = lse_s * kLog2e, lse_t2 = lse_t * kLog2e;
       write_grad(grad, rs, rt, len, vec && global_vec, [&](float s, float t) {
-        const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
-        const float q = fast_exp2(lq * kLog2e), p = fast_exp2(lp * kLog2e);
         if constexpr (kDiv == Divergence::kFKL) {
-          return coef * (q - p);
-        } else if constexpr (kDiv == Divergence::kRKL) {
-          return coef * q * (lq - lp - div_g);
+          return coef * (fast_exp2(fmaf(s - rmax.max_s, scale_q.c, -lse_s2)) -
+                         fast_exp2(fmaf(t - rmax.max_t, scale_p.c, -lse_t2)));
         } else {
-          return coef * q * (mixture_terms<float>(kDiv, prm.mix, lp, lq, p, q).g - div_g);
+          const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
+          const float q = fast_exp2(lq * kLog2e), p = fast_exp2(lp * kLog2e);
+          if constexpr (kDiv == Divergence::kRKL) {
+            return coef * q * (lq - lp - div_g);
+          } else {
+            return coef * q * (mixture_terms<float>(kDiv, prm.mix, lp, lq, p, q).g - div_g);
+          }
         }
       });
     }
