@@ -199,20 +199,20 @@ void speckd_row_cpu(const SpecKDParams& p, int64_t row) {
     for (int64_t j = 0; j < V; ++j) above += t[j] > t[y];
     accepted = above < p.k;
   } else if (p.gate == Gate::kSpec) {
-    const float inv_tf = p.inv_temperature;
+    const MassScale scale_q = mass_scale(max_s, p.inv_temperature), scale_p = mass_scale(max_t, p.inv_temperature);
     std::vector<uint64_t> cum_q(V);
     uint64_t zq = 0, zp = 0;
     for (int64_t j = 0; j < V; ++j) {
-      zq += det_weight(s[j], max_s, inv_tf);
-      zp += det_weight(t[j], max_t, inv_tf);
+      zq += spec_mass(s[j], scale_q);
+      zp += spec_mass(t[j], scale_p);
       cum_q[j] = zq;
     }
     accepted = false;
-    for (int i = 0; i < p.k && !accepted; ++i) {
+    for (int i = 0; i < p.k && !accepted && zq > 0; ++i) {
       const ProposalDraw draw = proposal_draw(p.seed, static_cast<uint64_t>(p.row_offset + row), i);
       const uint64_t target = proposal_target(draw.pick, zq);
       const int64_t x = std::upper_bound(cum_q.begin(), cum_q.end(), target) - cum_q.begin();
-      accepted = proposal_accepted(draw.coin, det_value(t[x], max_t, inv_tf), zp, det_value(s[x], max_s, inv_tf), zq);
+      accepted = proposal_accepted(draw.coin, spec_mass(t[x], scale_p), zp, spec_mass(s[x], scale_q), zq);
     }
   }
   p.row_divergence[row] = static_cast<float>(d);

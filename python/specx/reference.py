@@ -70,16 +70,40 @@ def det_weight(v: Tensor, vmax: Tensor, inv_t: Tensor) -> Tensor:
     return torch.where(shift >= 0, w, torch.zeros_like(w))
 
 
-def det_value(v: Tensor, vmax: Tensor, inv_t: Tensor) -> Tensor:
-    mant, exp2 = _det_scaled(v, vmax, inv_t)
-    return mant.double() * torch.exp2(exp2.double())
+_MASS_BITS = 31
+_MASS_POLY = (1.867130748e-3, 9.017028846e-3, 5.579991266e-2, 2.401644439e-1, 6.931512952e-1, 1.0)
+
+
+def _fma32(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """float32 ``a * b + c`` rounded once, as a fused multiply-add: the float64 sum rounded to odd
+    (TwoSum's exact error picks the odd neighbour), then to float32, is correctly rounded."""
+    ab, c = a.double() * b.double(), c.double()  # the product of two float32 is exact in float64
+    s = ab + c
+    bb = s - ab
+    err = (ab - (s - bb)) + (c - bb)
+    even = (s.view(torch.int64) & 1) == 0
+    toward = torch.where(err > 0, torch.full_like(s, float("inf")), torch.full_like(s, float("-inf")))
+    return torch.where((err != 0) & even, torch.nextafter(s, toward), s).float()
+
+
+def spec_mass(v: Tensor, vmax: Tensor, inv_t: Tensor) -> Tensor:
+    """The ``spec`` gate's fixed-point masses ``floor(2**31 * 2**y)``, ``y = (v - vmax) log2(e) / T``
+    in float32 steps, ``2**frac(y)`` as a polynomial in fused multiply-adds; int64."""
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    y = torch.fmax((v.float() - vmax) * (inv_t * f32(1.44269504088896341)), f32(-64.0))  # NaN -> -64
+    n = torch.floor(y)
+    f = y - n
+    p = f32(_MASS_POLY[0]).expand_as(f)
+    for coef in _MASS_POLY[1:]:
+        p = _fma32(p, f, f32(coef).expand_as(f))
+    return torch.floor(p.double() * torch.exp2(n.double() + _MASS_BITS)).to(torch.int64)
 
 
 def spec_gate(student_logits: Tensor, teacher_logits: Tensor, *, k: int, temperature: float, seed: int,
               row_offset: int = 0) -> Tensor:
     """The ``spec`` gate of each row of ``[rows, V]`` logits: ``k`` proposals ``x ~ q`` (inverse
-    CDF over fixed-point masses), each accepted iff ``coin < p(x) / q(x)``; the row passes if any
-    proposal does."""
+    CDF over fixed-point masses), each accepted iff ``coin < p(x) / q(x)`` with p and q those
+    masses normalised; the row passes if any proposal does."""
     inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32)
     s_all = student_logits.detach().float().cpu()
     t_all = teacher_logits.detach().float().cpu()
@@ -87,16 +111,16 @@ def spec_gate(student_logits: Tensor, teacher_logits: Tensor, *, k: int, tempera
     for row in range(s_all.shape[0]):
         s, t = s_all[row], t_all[row]
         s_max, t_max = s.max(), t.max()
-        cum_q = torch.cumsum(det_weight(s, s_max, inv_t), 0)
-        zq, zp = int(cum_q[-1]), int(det_weight(t, t_max, inv_t).sum())
+        cum_q = torch.cumsum(spec_mass(s, s_max, inv_t), 0)
+        zq, zp = int(cum_q[-1]), int(spec_mass(t, t_max, inv_t).sum())
         accepted = False
-        for i in range(k):
+        for i in range(k if zq > 0 else 0):
             pick, coin = proposal_draw(seed, row_offset + row, i)
             target = min(int(pick * float(zq)), zq - 1)
             x = int(torch.searchsorted(cum_q, torch.tensor(target), right=True))
-            p_val = float(det_value(t[x:x + 1], t_max, inv_t)[0])
-            q_val = float(det_value(s[x:x + 1], s_max, inv_t)[0])
-            if coin < (p_val * float(zq)) / (q_val * float(zp)):
+            p_mass = int(spec_mass(t[x:x + 1], t_max, inv_t)[0])
+            q_mass = int(spec_mass(s[x:x + 1], s_max, inv_t)[0])
+            if coin < (p_mass * float(zq)) / (q_mass * float(zp)):
                 accepted = True
                 break
         gates.append(accepted)

@@ -1,6 +1,9 @@
-// IEEE-rounded arithmetic that the compiler may not fuse into multiply-adds, so host and device
-// code built from one source round identically (the deterministic gates and samplers need it).
+// IEEE-rounded arithmetic that the compiler may not fuse into multiply-adds (fused ones only where
+// asked for, correctly rounded everywhere), so host and device code built from one source round
+// identically (the deterministic gates and samplers need it).
 #pragma once
+#include <cmath>
+
 #include "specx/common.h"
 
 namespace specx {
@@ -18,6 +21,15 @@ SPECX_HD float exact_add(float a, float b) {
   return __fadd_rn(a, b);
 #else
   return a + b;
+#endif
+}
+
+// a * b + c with one rounding: the same on every IEEE device.
+SPECX_HD float exact_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return fmaf(a, b, c);
 #endif
 }
 

@@ -97,6 +97,50 @@ __device__ __forceinline__ void for_each_pair(const T* s, const T* t, int len, b
   for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) visit(i, s[i], t[i]);
 }
 
+// The part of a slice that warp `warp` of a kThreads-thread block owns: elements [lo, hi), visited
+// in units of `unit` elements (a 16-byte pack, or 1 where the slice is unaligned), lane l taking
+// units l, l + 32, ... Chunks are contiguous and in warp order, so a prefix sum over the warps,
+// then over the units of one warp, locates any element.
+struct WarpChunk {
+  int lo, hi, unit;
+  __device__ __forceinline__ int units() const { return (hi - lo + unit - 1) / unit; }
+};
+
+template <int kThreads, typename T>
+__device__ __forceinline__ WarpChunk warp_chunk(int len, bool vectorized, int warp) {
+  constexpr int kWarps = kThreads / 32;
+  const int unit = vectorized ? Pack<T>::kN : 1;
+  const int per = ((len + kWarps - 1) / kWarps + unit - 1) / unit * unit;
+  const int lo = min(len, warp * per);
+  return {lo, min(len, lo + per), unit};
+}
+
+// Calls visit(local index, s, t) on the elements of unit u of chunk c, 16 bytes at a time when
+// the unit is a whole pack.
+template <typename T, typename F>
+__device__ __forceinline__ void visit_unit(const T* s, const T* t, const WarpChunk& c, int u, F&& visit) {
+  constexpr int kN = Pack<T>::kN;
+  const int a = c.lo + u * c.unit, b = min(c.hi, a + c.unit);
+  if (c.unit == kN && b - a == kN) {
+    const Pack<T> pa = *reinterpret_cast<const Pack<T>*>(s + a);
+    const Pack<T> pb = *reinterpret_cast<const Pack<T>*>(t + a);
+#pragma unroll
+    for (int e = 0; e < kN; ++e) visit(a + e, pa.v[e], pb.v[e]);
+  } else {
+    for (int i = a; i < b; ++i) visit(i, s[i], t[i]);
+  }
+}
+
+// Calls visit(local index, s, t) on every element of a slice already in memory, each warp over
+// its own chunk (see WarpChunk).
+template <int kThreads, typename T, typename F>
+__device__ __forceinline__ void for_each_pair_by_warp(const T* s, const T* t, int len, bool vectorized,
+                                                      F&& visit) {
+  const WarpChunk c = warp_chunk<kThreads, T>(len, vectorized, threadIdx.x / 32);
+  const int units = c.units();
+  for (int u = threadIdx.x % 32; u < units; u += 32) visit_unit(s, t, c, u, visit);
+}
+
 // Streams a block's slice of two rows (len elements from gs and gt) in once: copies it to
 // shared memory (cs, ct) when `cached`, and calls visit(local index, s, t) on every element.
 // kUnroll 16-byte loads per tensor are in flight per thread before the first use; each

@@ -1,5 +1,5 @@
-// The SpecKD `spec` gate, written once for the CPU and CUDA paths. Every step is IEEE-rounded
-// arithmetic without fused multiply-adds and every sum is over integers, so the sampled
+// The SpecKD `spec` gate, written once for the CPU and CUDA paths. Every step is correctly rounded
+// IEEE arithmetic (fused multiply-adds only where written) and every sum is over integers, so the sampled
 // proposals and the accept decisions are bit-identical on any device or launch shape.
 #pragma once
 #include <cmath>
@@ -46,11 +46,55 @@ SPECX_HD uint64_t det_weight(float v, float vmax, float inv_temp) {
   return shift >= 0 ? significand << shift : significand >> -shift;
 }
 
-// The same value as a double, unquantised (exact: a float mantissa scaled by a power of 2).
-SPECX_HD double det_value(float v, float vmax, float inv_temp) {
-  const DetExp e = det_exp(exact_mul(exact_add(v, -vmax), inv_temp));
-  return ldexp(static_cast<double>(e.mant), e.exp2);
+// The spec gate's proposal masses: mass(v) = floor(2^31 * 2^y), y = (v - vmax) log2(e) / T, a
+// 32-bit integer per element, so a row's total (V <= 2^22) fits 64 bits; elements below 2^-31 of
+// the row's maximum get none. Cheaper than det_weight: a degree-5 polynomial in fused
+// multiply-adds, a floor that keeps off the conversion unit, and the fixed point read straight
+// from the float's bits.
+constexpr int kMassBits = 31;
+
+struct MassScale {
+  float vmax;
+  float c;  // log2(e) / T
+};
+
+SPECX_HD MassScale mass_scale(float vmax, float inv_temp) { return {vmax, exact_mul(inv_temp, 1.44269504088896341f)}; }
+
+// y = (v - vmax) log2(e) / T, the exponent of the mass (the same float as any other caller's
+// fast (v - vmax) * c).
+SPECX_HD float mass_exponent(float v, MassScale m) { return exact_mul(exact_add(v, -m.vmax), m.c); }
+
+SPECX_HD uint32_t mass_of_exponent(float y) {
+  // y <= 0; NaN and -inf go to -64, which has no mass.
+  y = fmaxf(y, -64.0f);
+#if defined(__CUDA_ARCH__)
+  const float r = __fadd_rd(y, 0x1.8p23f);  // 1.5 * 2^23 + floor(y), exactly
+  const float n = __fsub_rn(r, 0x1.8p23f);
+  const int shift = 0x4B400000 - __float_as_int(r);
+#else
+  const float n = floorf(y);
+  const int shift = -static_cast<int>(n);
+#endif
+  const float f = exact_add(y, -n);
+  // 2^f within 1.5e-7 (a relative minimax fit with p(0) = 1); for every float f in [0, 1), p is
+  // in [1, 2) (checked exhaustively).
+  float p = 1.867130748e-3f;
+  p = exact_fma(p, f, 9.017028846e-3f);
+  p = exact_fma(p, f, 5.579991266e-2f);
+  p = exact_fma(p, f, 2.401644439e-1f);
+  p = exact_fma(p, f, 6.931512952e-1f);
+  p = exact_fma(p, f, 1.0f);
+  // p's biased exponent is 127, so its bits shifted left by 8 are p * 2^31 exactly.
+  uint32_t bits;
+  memcpy(&bits, &p, sizeof(bits));
+#if defined(__CUDA_ARCH__)
+  return __funnelshift_rc(bits << 8, 0u, shift);  // shifts of 32 and more give 0
+#else
+  return shift < 32 ? (bits << 8) >> shift : 0u;
+#endif
 }
+
+SPECX_HD uint32_t spec_mass(float v, MassScale m) { return mass_of_exponent(mass_exponent(v, m)); }
 
 // Random numbers of proposal `i` of global row `row`: where to draw it, and the accept coin.
 struct ProposalDraw {
@@ -67,16 +111,17 @@ SPECX_HD ProposalDraw proposal_draw(uint64_t seed, uint64_t row, uint32_t i) {
 }
 
 // The fixed-point mass below which the proposal lies: x is the first index whose
-// inclusive prefix sum of det_weight exceeds it.
+// inclusive prefix sum of spec_mass exceeds it (total > 0).
 SPECX_HD uint64_t proposal_target(double pick, uint64_t total) {
   const uint64_t target = static_cast<uint64_t>(pick * static_cast<double>(total));
   return target < total ? target : total - 1;
 }
 
-// Accept iff coin < min(1, p(x) / q(x)) with p = p_val / p_total, q = q_val / q_total.
-SPECX_HD bool proposal_accepted(double coin, double p_val, uint64_t p_total, double q_val,
-                                uint64_t q_total) {
-  const double ratio = (p_val * static_cast<double>(q_total)) / (q_val * static_cast<double>(p_total));
+// Accept iff coin < min(1, p(x) / q(x)), with p(x) = p_mass / p_total and q(x) = q_mass / q_total
+// the masses the proposal was drawn from.
+SPECX_HD bool proposal_accepted(double coin, uint32_t p_mass, uint64_t p_total, uint32_t q_mass, uint64_t q_total) {
+  const double ratio = exact_ddiv(exact_dmul(p_mass, static_cast<double>(q_total)),
+                                  exact_dmul(q_mass, static_cast<double>(p_total)));
   return coin < ratio;
 }
 

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include <climits>
+#include <type_traits>
 
 #include "specx/reduce.cuh"
 #include "specx/slice.cuh"
@@ -31,14 +32,12 @@ struct RowSums {
   float sum_t;
   float acc;  // sum of the unnormalised fkl / rkl integrand
   int count;  // teacher logits strictly above t[argmax s]
+  unsigned long long zq;  // spec gate: fixed-point masses of the student
+  unsigned long long zp;  // and of the teacher
 };
 struct RowMix {
   float d;
   float g;
-};
-struct FixedTotals {
-  unsigned long long zq;
-  unsigned long long zp;
 };
 
 __device__ __forceinline__ RowMax combine(RowMax a, RowMax b) {
@@ -50,17 +49,84 @@ __device__ __forceinline__ RowMax combine(RowMax a, RowMax b) {
   return r;
 }
 __device__ __forceinline__ RowSums combine(RowSums a, RowSums b) {
-  return {a.sum_s + b.sum_s, a.sum_t + b.sum_t, a.acc + b.acc, a.count + b.count};
+  return {a.sum_s + b.sum_s, a.sum_t + b.sum_t, a.acc + b.acc, a.count + b.count, a.zq + b.zq, a.zp + b.zp};
 }
 __device__ __forceinline__ RowMix combine(RowMix a, RowMix b) { return {a.d + b.d, a.g + b.g}; }
-__device__ __forceinline__ FixedTotals combine(FixedTotals a, FixedTotals b) {
-  return {a.zq + b.zq, a.zp + b.zp};
-}
 
 // for_each_pair with the values converted to float.
 template <typename T, typename F>
 __device__ __forceinline__ void for_each_float_pair(const T* s, const T* t, int len, bool vec, F&& f) {
   for_each_pair<kThreads>(s, t, len, vec, [&](int i, T a, T b) { f(i, to_float(a), to_float(b)); });
+}
+
+// for_each_pair_by_warp with the values converted to float.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_float_pair_by_warp(const T* s, const T* t, int len, bool vec, F&& f) {
+  for_each_pair_by_warp<kThreads>(s, t, len, vec, [&](int i, T a, T b) { f(i, to_float(a), to_float(b)); });
+}
+
+// The spec gate's proposals that land in this block's slice (student masses from block_start on,
+// warp_zq[w] of them in warp w's chunk): true in a thread that accepted one. Each proposal is
+// located by its warp, one round of 32 units at a time.
+template <typename T>
+__device__ bool spec_block_accepts(const SpecKDParams& prm, int64_t row, const T* rs, const T* rt, int len, bool vec,
+                                   MassScale scale_q, MassScale scale_p, unsigned long long zq, unsigned long long zp,
+                                   unsigned long long block_start, const unsigned long long* warp_zq) {
+  constexpr int kWarps = kThreads / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  unsigned long long block_zq = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) block_zq += warp_zq[w];
+  bool accepted = false;
+  for (int i0 = 0; i0 < prm.k; i0 += 32) {
+    // Lane j draws proposal i0 + j once for the warp.
+    const ProposalDraw draw = proposal_draw(prm.seed, static_cast<uint64_t>(prm.row_offset + row), i0 + lane);
+    const unsigned long long lane_target = proposal_target(draw.pick, zq);
+    const int count = min(32, prm.k - i0);
+    for (int j = 0; j < count; ++j) {
+      const unsigned long long target = __shfl_sync(0xffffffffu, lane_target, j);
+      const double coin = __shfl_sync(0xffffffffu, draw.coin, j);
+      if (target < block_start || target - block_start >= block_zq) continue;
+      unsigned long long rel = target - block_start;
+      int owner = 0;
+      while (rel >= warp_zq[owner]) rel -= warp_zq[owner++];
+      if (owner != warp) continue;
+      const WarpChunk c = warp_chunk<kThreads, T>(len, vec, warp);
+      const int units = c.units();
+      unsigned long long base = 0;
+      for (int u0 = 0; u0 < units; u0 += 32) {
+        unsigned long long mass = 0;
+        if (u0 + lane < units)
+          visit_unit(rs, rt, c, u0 + lane, [&](int, T s, T) { mass += spec_mass(to_float(s), scale_q); });
+        unsigned long long incl = mass;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const unsigned long long up = __shfl_up_sync(0xffffffffu, incl, off);
+          if (lane >= off) incl += up;
+        }
+        const unsigned long long round = __shfl_sync(0xffffffffu, incl, 31);
+        if (rel >= base + round) {
+          base += round;
+          continue;
+        }
+        // The first lane whose inclusive prefix passes rel holds the proposal.
+        if (lane == __ffs(__ballot_sync(0xffffffffu, rel < base + incl)) - 1) {
+          unsigned long long run = base + incl - mass;
+          const int a = c.lo + (u0 + lane) * c.unit, b = min(c.hi, a + c.unit);
+          for (int x = a; x < b; ++x) {
+            const uint32_t q_mass = spec_mass(to_float(rs[x]), scale_q);
+            run += q_mass;
+            if (run > rel) {
+              accepted |= proposal_accepted(coin, spec_mass(to_float(rt[x]), scale_p), zp, q_mass, zq);
+              break;
+            }
+          }
+        }
+        break;
+      }
+    }
+  }
+  return accepted;
 }
 
 // Writes grad[i] = f(s_i, t_i) over a slice (in the gradient's own dtype TG), one 16-byte
@@ -134,10 +200,9 @@ __global__ void __launch_bounds__(kThreads, 3)
   __shared__ RowMax slot_max, res_max;
   __shared__ RowSums slot_sums, res_sums;
   __shared__ RowMix slot_mix, res_mix;
-  __shared__ FixedTotals slot_fixed;
   __shared__ int slot_accept, res_accept;
+  __shared__ unsigned long long block_start, warp_zq[kThreads / 32];
   __shared__ alignas(16) unsigned char scratch[kThreads / 32 * sizeof(RowSums)];
-  __shared__ unsigned long long thread_prefix[kThreads];
 
   // Pass 1: stream the slice in (once), tracking the maxima and the student argmax.
   T* cs = cached ? reinterpret_cast<T*>(slice_smem) : nullptr;
@@ -156,90 +221,57 @@ __global__ void __launch_bounds__(kThreads, 3)
   const T* rt = cached ? ct : gt;
   const bool vec = cached || global_vec;
   const float inv_t = prm.inv_temperature;
-  const float scale2 = inv_t * kLog2e;
 
-  // Pass 2: partition functions, the fkl / rkl integrand, and the top-k gate's count.
+  // Pass 2: partition functions, the fkl / rkl integrand, the top-k gate's count, and the spec
+  // gate's fixed-point masses (each warp over a contiguous chunk, so proposals can be located).
   const int64_t y = rmax.arg_s < V ? rmax.arg_s : 0;  // all -inf: torch.argmax's answer, 0
   const float t_at_y = to_float(static_cast<const T*>(prm.teacher)[row * V + y]);
-  RowSums sums{0.0f, 0.0f, 0.0f, 0};
-  for_each_float_pair(rs, rt, len, vec, [&](int, float s, float t) {
-    const float ds = s - rmax.max_s, dt = t - rmax.max_t;
-    const float es = fast_exp2(ds * scale2), et = fast_exp2(dt * scale2);
-    sums.sum_s += es;
-    sums.sum_t += et;
-    if constexpr (kDiv == Divergence::kFKL) sums.acc += et * (dt - ds);
-    if constexpr (kDiv == Divergence::kRKL) sums.acc += es * (ds - dt);
-    sums.count += t > t_at_y;
-  });
+  const MassScale scale_q = mass_scale(rmax.max_s, inv_t), scale_p = mass_scale(rmax.max_t, inv_t);
+  const bool spec = prm.gate == Gate::kSpec;
+  auto pass2 = [&](auto with_masses) {
+    RowSums sums{0.0f, 0.0f, 0.0f, 0, 0, 0};
+    for_each_float_pair_by_warp(rs, rt, len, vec, [&](int, float s, float t) {
+      // The masses' exponents (the spec gate shares them) and their unscaled differences.
+      const float ds = exact_add(s, -rmax.max_s), dt = exact_add(t, -rmax.max_t);
+      const float ys = mass_exponent(s, scale_q), yt = mass_exponent(t, scale_p);
+      const float es = fast_exp2(ys), et = fast_exp2(yt);
+      sums.sum_s += es;
+      sums.sum_t += et;
+      if constexpr (kDiv == Divergence::kFKL) sums.acc += et * (dt - ds);
+      if constexpr (kDiv == Divergence::kRKL) sums.acc += es * (ds - dt);
+      sums.count += t > t_at_y;
+      if constexpr (decltype(with_masses)::value) {
+        sums.zq += mass_of_exponent(ys);
+        sums.zp += mass_of_exponent(yt);
+      }
+    });
+    return sums;
+  };
+  const RowSums sums = spec ? pass2(std::true_type{}) : pass2(std::false_type{});
+  if (spec) {
+    unsigned long long wq = sums.zq;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) wq += __shfl_xor_sync(0xffffffffu, wq, off);
+    if (threadIdx.x % 32 == 0) warp_zq[threadIdx.x / 32] = wq;
+  }
   const RowSums rsum = cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
   const float lse_s = logf(rsum.sum_s), lse_t = logf(rsum.sum_t);
 
   bool accepted = true;
   if (prm.gate == Gate::kTopK) {
     accepted = rsum.count < prm.k;
-  } else if (prm.gate == Gate::kSpec) {
-    // Deterministic fixed-point masses over contiguous per-thread ranges, so a prefix scan
-    // over threads (then blocks) locates each proposal.
-    const int per = (len + kThreads - 1) / kThreads;
-    const int lo = min(len, static_cast<int>(threadIdx.x) * per), hi = min(len, lo + per);
-    FixedTotals mine{0, 0};
-    // Integer sums do not care about order: start each thread at a different offset of its
-    // range, so a warp's shared-memory reads spread over the banks instead of colliding.
-    for (int n = 0, i = lo + (hi > lo ? static_cast<int>(threadIdx.x) % (hi - lo) : 0); n < hi - lo; ++n) {
-      mine.zq += det_weight(to_float(rs[i]), rmax.max_s, inv_t);
-      mine.zp += det_weight(to_float(rt[i]), rmax.max_t, inv_t);
-      if (++i == hi) i = lo;
+  } else if (spec) {
+    // Every block's slot holds its totals until the last barrier: the masses before this block.
+    if (threadIdx.x == 0) {
+      unsigned long long start = 0;
+      for (int r = 0; r < rank; ++r) start += cluster.map_shared_rank(&slot_sums, r)->zq;
+      block_start = start;
+      slot_accept = 0;
     }
-    const unsigned long long block_zq =
-        block_exclusive_scan(mine.zq, thread_prefix, reinterpret_cast<unsigned long long*>(scratch));
-    if (threadIdx.x == 0) slot_fixed = {block_zq, 0};
-    FixedTotals block_tot = block_reduce(FixedTotals{0, mine.zp}, reinterpret_cast<FixedTotals*>(scratch),
-                                         [](FixedTotals a, FixedTotals b) { return combine(a, b); });
-    if (threadIdx.x == 0) slot_fixed.zp = block_tot.zp;
-    if (threadIdx.x == 0) slot_accept = 0;
-    cluster.sync();
-    unsigned long long zq = 0, zp = 0, start = 0;
-    for (int r = 0; r < nblocks; ++r) {
-      const FixedTotals other = *cluster.map_shared_rank(&slot_fixed, r);
-      if (r < rank) start += other.zq;
-      zq += other.zq;
-      zp += other.zp;
-    }
-    const unsigned long long my_lo = start + thread_prefix[threadIdx.x];
-    const int lane = threadIdx.x % 32;
-    for (int i = 0; i < prm.k; ++i) {
-      const ProposalDraw draw = proposal_draw(prm.seed, static_cast<uint64_t>(prm.row_offset + row), i);
-      const unsigned long long target = proposal_target(draw.pick, zq);
-      const unsigned owners = __ballot_sync(0xffffffffu, target >= my_lo && target < my_lo + mine.zq);
-      if (owners == 0) continue;
-      // The owner's range is searched by its whole warp: each lane takes a contiguous piece,
-      // and an inclusive scan of the pieces' masses finds the lane holding the target.
-      const int owner = __ffs(owners) - 1;
-      const int o_lo = __shfl_sync(0xffffffffu, lo, owner), o_hi = __shfl_sync(0xffffffffu, hi, owner);
-      const unsigned long long o_base = __shfl_sync(0xffffffffu, my_lo, owner);
-      const int piece = (o_hi - o_lo + 31) / 32;
-      const int p_lo = min(o_hi, o_lo + lane * piece), p_hi = min(o_hi, p_lo + piece);
-      unsigned long long mass = 0;
-      for (int j = p_lo; j < p_hi; ++j) mass += det_weight(to_float(rs[j]), rmax.max_s, inv_t);
-      unsigned long long incl = mass;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const unsigned long long up = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += up;
-      }
-      unsigned long long run = o_base + incl - mass;
-      if (target >= run && target < o_base + incl) {
-        for (int j = p_lo; j < p_hi; ++j) {
-          run += det_weight(to_float(rs[j]), rmax.max_s, inv_t);
-          if (run > target) {
-            const double q_val = det_value(to_float(rs[j]), rmax.max_s, inv_t);
-            const double p_val = det_value(to_float(rt[j]), rmax.max_t, inv_t);
-            if (proposal_accepted(draw.coin, p_val, zp, q_val, zq)) atomicOr(&slot_accept, 1);
-            break;
-          }
-        }
-      }
-    }
+    __syncthreads();
+    if (rsum.zq > 0 && spec_block_accepts(prm, row, rs, rt, len, vec, scale_q, scale_p, rsum.zq, rsum.zp,
+                                          block_start, warp_zq))
+      atomicOr(&slot_accept, 1);
     cluster.sync();
     if (threadIdx.x == 0) {
       int any = 0;
@@ -283,15 +315,20 @@ __global__ void __launch_bounds__(kThreads, 3)
     if (coef == 0.0f) {
       write_grad(grad, rs, rt, len, vec && global_vec, [](float, float) { return 0.0f; });
     } else {
+      // fkl needs only q and p: their base-2 exponents directly, one multiply-add each.
+      const float lse_s2 = lse_s * kLog2e, lse_t2 = lse_t * kLog2e;
       write_grad(grad, rs, rt, len, vec && global_vec, [&](float s, float t) {
-        const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
-        const float q = fast_exp2(lq * kLog2e), p = fast_exp2(lp * kLog2e);
         if constexpr (kDiv == Divergence::kFKL) {
-          return coef * (q - p);
-        } else if constexpr (kDiv == Divergence::kRKL) {
-          return coef * q * (lq - lp - div_g);
+          return coef * (fast_exp2(fmaf(s - rmax.max_s, scale_q.c, -lse_s2)) -
+                         fast_exp2(fmaf(t - rmax.max_t, scale_p.c, -lse_t2)));
         } else {
-          return coef * q * (mixture_terms<float>(kDiv, prm.mix, lp, lq, p, q).g - div_g);
+          const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
+          const float q = fast_exp2(lq * kLog2e), p = fast_exp2(lp * kLog2e);
+          if constexpr (kDiv == Divergence::kRKL) {
+            return coef * q * (lq - lp - div_g);
+          } else {
+            return coef * q * (mixture_terms<float>(kDiv, prm.mix, lp, lq, p, q).g - div_g);
+          }
         }
       });
     }
