@@ -32,28 +32,41 @@ __device__ __forceinline__ P block_reduce(P v, P* scratch, F&& combine) {
   return v;
 }
 
-// Exclusive prefix sum of `v` over the threads of the block, in thread order, written to
-// prefix[threadIdx.x]; returns the block total to every thread.
-__device__ __forceinline__ unsigned long long block_exclusive_scan(unsigned long long v, unsigned long long* prefix,
-                                                                   unsigned long long* warp_totals) {
+template <typename T>
+struct BlockScan {
+  T before;  // the sum over the block's earlier threads
+  T total;   // the sum over the whole block
+};
+
+// Exclusive prefix sum of `v` over the threads of the block, in thread order. `warp_totals` holds
+// one T per warp; the leading barrier lets callers reuse it between calls.
+template <typename T>
+__device__ __forceinline__ BlockScan<T> block_scan(T v, T* warp_totals) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  unsigned long long incl = v;
+  T incl = v;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
-    const unsigned long long up = __shfl_up_sync(0xffffffffu, incl, off);
+    const T up = __shfl_up_sync(0xffffffffu, incl, off);
     if (lane >= off) incl += up;
   }
   __syncthreads();
   if (lane == 31) warp_totals[warp] = incl;
   __syncthreads();
-  unsigned long long warp_base = 0, total = 0;
+  BlockScan<T> out{incl - v, 0};
   for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) {
-    if (w < warp) warp_base += warp_totals[w];
-    total += warp_totals[w];
+    if (w < warp) out.before += warp_totals[w];
+    out.total += warp_totals[w];
   }
-  prefix[threadIdx.x] = warp_base + incl - v;
+  return out;
+}
+
+// block_scan written to prefix[threadIdx.x]; returns the block total to every thread.
+__device__ __forceinline__ unsigned long long block_exclusive_scan(unsigned long long v, unsigned long long* prefix,
+                                                                   unsigned long long* warp_totals) {
+  const BlockScan<unsigned long long> scan = block_scan(v, warp_totals);
+  prefix[threadIdx.x] = scan.before;
   __syncthreads();
-  return total;
+  return scan.total;
 }
 
 }  // namespace specx

@@ -13,6 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "specx/reduce.cuh"
 #include "specx/slice.cuh"
 #include "specx/topk_threshold.h"
 
@@ -143,17 +144,7 @@ struct RadixSelect {
       counts[4 * h + 3] = q.x;
       mine += q.x + q.y + q.z + q.w;
     }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    unsigned incl = mine;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const unsigned up = __shfl_up_sync(0xffffffffu, incl, off);
-      if (lane >= off) incl += up;
-    }
-    if (lane == 31) sh->warp_totals[warp] = incl;
-    __syncthreads();
-    unsigned before = incl - mine;
-    for (int w = 0; w < warp; ++w) before += sh->warp_totals[w];
+    unsigned before = block_scan(mine, sh->warp_totals).before;
     if (before < remaining && remaining <= before + mine) {
 #pragma unroll
       for (int e = 0; e < kBinsPerThread; ++e) {
@@ -202,24 +193,13 @@ struct RadixSelect {
 template <typename T>
 __device__ int nth_equal_index(const T* x, int len, uint32_t key, unsigned n, SelectShared* sh) {
   constexpr int kPer = 8;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int base = 0; base < len; base += kThreads * kPer) {
     const int lo = min(len, base + static_cast<int>(threadIdx.x) * kPer), hi = min(len, lo + kPer);
     unsigned mine = 0;
     for (int i = lo; i < hi; ++i) mine += key_of(x[i]) == key;
-    unsigned incl = mine;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const unsigned up = __shfl_up_sync(0xffffffffu, incl, off);
-      if (lane >= off) incl += up;
-    }
-    if (lane == 31) sh->warp_totals[warp] = incl;
-    __syncthreads();
-    unsigned before = incl - mine, total = 0;
-    for (int w = 0; w < kThreads / 32; ++w) {
-      if (w < warp) before += sh->warp_totals[w];
-      total += sh->warp_totals[w];
-    }
+    const BlockScan<unsigned> scan = block_scan(mine, sh->warp_totals);
+    unsigned before = scan.before;
+    const unsigned total = scan.total;
     if (before < n && n <= before + mine) {
       for (int i = lo; i < hi; ++i) {
         if (key_of(x[i]) == key && ++before == n) {
