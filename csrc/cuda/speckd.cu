@@ -17,8 +17,6 @@ using speckd_cuda::kThreads;
 // arithmetic and cluster barriers of the others. Clusters of 16 (non-portable) were 1.6x
 // slower than 8 on the H200 at 8192 x 128256 (fewer whole clusters fit the GPCs), so 8 is the
 // default cap. SPECX_SPECKD_SLICE_KB and SPECX_SPECKD_MAX_CLUSTER override both for tuning.
-constexpr int64_t kMaxSliceBytes = 200 * 1024;
-
 int env_or(const char* name, int fallback) {
   const char* value = std::getenv(name);
   return value != nullptr && std::atoi(value) > 0 ? std::atoi(value) : fallback;
@@ -35,7 +33,7 @@ cudaError_t launch_typed(const SpecKDParams& prm, cudaStream_t stream) {
 
   // Few rows: spread each row over more SMs.
   const SlicePlan plan = plan_row_slices(prm.vocab, prm.rows, elem_pair, 16 / sizeof(T), kPreferredSliceBytes,
-                                         kMaxSliceBytes, kMaxCluster, 2 * sms, 4 * kThreads);
+                                         kMaxCachedSliceBytes, kMaxCluster, 2 * sms, 4 * kThreads);
   return launch_row_clusters(speckd_cuda::speckd_rows_kernel<T, TG, kDiv>, prm.rows, plan, kThreads, stream, prm,
                              static_cast<int>(plan.slice), plan.cached);
 }
@@ -86,20 +84,14 @@ int scale_rows_cuda(void* grad, DType dtype, int64_t rows, int64_t vocab, const 
 }
 
 int speckd_rows_cuda(const SpecKDParams& prm, void* stream) {
-  if (prm.rows == 0) return cudaSuccess;
   const auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t err = cudaErrorInvalidValue;
-  if (prm.dtype == DType::kFloat32) {
-    // fp32 logits (fused-linear chunks) may hand their gradient straight to a bf16 / fp16 GEMM.
-    err = dispatch_dtype(prm.grad_dtype, [&](auto zero) { return launch_divergence<float, decltype(zero)>(prm, s); });
-  } else {
-    err = dispatch_dtype(prm.dtype, [&](auto zero) {
-      using T = decltype(zero);
-      return launch_divergence<T, T>(prm, s);
-    });
-  }
-  if (err == cudaSuccess) err = cudaGetLastError();
-  return static_cast<int>(err);
+  // fp32 logits (fused-linear chunks) may hand their gradient straight to a bf16 / fp16 GEMM, so
+  // they dispatch on the gradient's dtype; other logits write their own dtype.
+  const bool fp32_logits = prm.dtype == DType::kFloat32;
+  return launch_by_dtype(fp32_logits ? prm.grad_dtype : prm.dtype, prm.rows, [&](auto zero) {
+    using T = decltype(zero);
+    return fp32_logits ? launch_divergence<float, T>(prm, s) : launch_divergence<T, T>(prm, s);
+  });
 }
 
 }  // namespace specx

@@ -11,25 +11,18 @@ namespace {
 // Slices this small (plus the select's 33 KiB) let three blocks share an SM, so one block's loads
 // overlap the others' passes and about 48 KiB of loads per SM are in flight.
 constexpr int64_t kPreferredSliceBytes = 32 * 1024;
-constexpr int64_t kMaxSliceBytes = 200 * 1024;
 constexpr int kMaxCluster = 8;  // the portable cluster size
-
-template <typename T>
-cudaError_t launch_typed(const TopKThresholdParams& prm, cudaStream_t stream) {
-  const SlicePlan plan = plan_row_slices(prm.cols, prm.rows, static_cast<int64_t>(sizeof(T)),
-                                         16 / sizeof(T), kPreferredSliceBytes, kMaxSliceBytes, kMaxCluster);
-  return launch_row_clusters(topk_cuda::topk_threshold_kernel<T>, prm.rows, plan, topk_cuda::kThreads, stream, prm,
-                             static_cast<int>(plan.slice), plan.cached);
-}
 
 }  // namespace
 
 int topk_threshold_cuda(const TopKThresholdParams& prm, void* stream) {
-  if (prm.rows == 0) return cudaSuccess;
-  const auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t err = dispatch_dtype(prm.dtype, [&](auto zero) { return launch_typed<decltype(zero)>(prm, s); });
-  if (err == cudaSuccess) err = cudaGetLastError();
-  return static_cast<int>(err);
+  return launch_by_dtype(prm.dtype, prm.rows, [&](auto zero) {
+    using T = decltype(zero);
+    const SlicePlan plan = plan_row_slices(prm.cols, prm.rows, static_cast<int64_t>(sizeof(T)), 16 / sizeof(T),
+                                           kPreferredSliceBytes, kMaxCachedSliceBytes, kMaxCluster);
+    return launch_row_clusters(topk_cuda::topk_threshold_kernel<T>, prm.rows, plan, topk_cuda::kThreads,
+                               static_cast<cudaStream_t>(stream), prm, static_cast<int>(plan.slice), plan.cached);
+  });
 }
 
 }  // namespace specx

@@ -8,6 +8,9 @@
 
 namespace specx {
 
+// The largest slice a block caches: an SM's 227 KB of shared memory less the kernels' own.
+constexpr int64_t kMaxCachedSliceBytes = 200 * 1024;
+
 struct SlicePlan {
   int cluster;       // blocks per row
   int64_t slice;     // elements per block (a multiple of `align`)

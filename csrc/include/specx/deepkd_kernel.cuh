@@ -142,10 +142,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* g_ce = with_grad ? static_cast<T*>(prm.grad_ce) + row * C + begin : nullptr;
   T* g_tc = with_grad ? static_cast<T*>(prm.grad_tckd) + row * C + begin : nullptr;
   T* g_nc = with_grad ? static_cast<T*>(prm.grad_nckd) + row * C + begin : nullptr;
-  const bool global_vec = reinterpret_cast<uintptr_t>(gs) % 16 == 0 && reinterpret_cast<uintptr_t>(gt) % 16 == 0 &&
-                          (!with_grad || (reinterpret_cast<uintptr_t>(g_ce) % 16 == 0 &&
-                                          reinterpret_cast<uintptr_t>(g_tc) % 16 == 0 &&
-                                          reinterpret_cast<uintptr_t>(g_nc) % 16 == 0));
+  const bool global_vec = aligned16(gs, gt) && (!with_grad || aligned16(g_ce, g_tc, g_nc));
 
   // Every block of the cluster reads the same target, so they all leave here together.
   const int64_t y = prm.target[row];

@@ -21,6 +21,22 @@ auto dispatch_dtype(DType dtype, F&& f) {
   }
 }
 
+// The entry of a launcher over `rows` rows: nothing to launch for none, one dtype dispatch of
+// launch(T()), then the launch's own error.
+template <typename F>
+int launch_by_dtype(DType dtype, int64_t rows, F&& launch) {
+  if (rows == 0) return cudaSuccess;
+  cudaError_t err = dispatch_dtype(dtype, launch);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  return static_cast<int>(err);
+}
+
+// Whether every pointer allows 16-byte vector access.
+template <typename... Ptr>
+__device__ __forceinline__ bool aligned16(const Ptr*... p) {
+  return ((reinterpret_cast<uintptr_t>(p) % 16 == 0) && ...);
+}
+
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
   if constexpr (std::is_same_v<T, float>) {

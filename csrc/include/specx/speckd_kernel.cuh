@@ -182,9 +182,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const T* gs = static_cast<const T*>(prm.student) + row * V + begin;
   const T* gt = static_cast<const T*>(prm.teacher) + row * V + begin;
   TG* grad = prm.grad ? static_cast<TG*>(prm.grad) + row * V + begin : nullptr;
-  const bool global_vec = reinterpret_cast<uintptr_t>(gs) % 16 == 0 &&
-                          reinterpret_cast<uintptr_t>(gt) % 16 == 0 &&
-                          (grad == nullptr || reinterpret_cast<uintptr_t>(grad) % 16 == 0);
+  const bool global_vec = aligned16(gs, gt) && (grad == nullptr || aligned16(grad));
 
   // Every block of the cluster reads the same label, so they all leave here together.
   if (prm.labels != nullptr && prm.labels[row] == prm.ignore_index) {

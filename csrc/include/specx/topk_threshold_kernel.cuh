@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t C = prm.cols;
   const auto [nblocks, rank, row, begin, len] = this_row_slice(C, slice_len);
   const T* g = static_cast<const T*>(prm.logits) + row * C + begin;
-  const bool global_vec = reinterpret_cast<uintptr_t>(g) % 16 == 0;
+  const bool global_vec = aligned16(g);
 
   extern __shared__ __align__(16) unsigned char slice_smem[];
   __shared__ SelectShared sh;

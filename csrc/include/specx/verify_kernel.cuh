@@ -29,7 +29,7 @@ __device__ ArgMax row_argmax(const T* row, int64_t vocab, ArgMax* scratch) {
   constexpr int kN = 16 / sizeof(T);
   ArgMax best{-INFINITY, vocab};
   int64_t scalar_from = 0;
-  if (reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+  if (aligned16(row)) {
     const int64_t nvec = vocab / kN;
     for (int64_t g = threadIdx.x; g < nvec; g += blockDim.x) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + g);
@@ -54,7 +54,7 @@ template <typename T, typename F>
 __device__ __forceinline__ void for_each_value(const T* g, int len, int threads, F&& f) {
   constexpr int kN = 16 / sizeof(T), kUnroll = 4;
   int scalar_from = 0;
-  if (reinterpret_cast<uintptr_t>(g) % 16 == 0) {
+  if (aligned16(g)) {
     const int nvec = len / kN;
     const uint4* vg = reinterpret_cast<const uint4*>(g);
     for (int base = threadIdx.x; base < nvec; base += kUnroll * threads) {
