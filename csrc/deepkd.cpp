@@ -179,6 +179,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.k = k.value_or(classes);
   p.temperature = static_cast<float>(temperature);
   p.dtype = dtype;
+  p.threshold = nullptr;
+  p.count_greater = nullptr;
+  at::Tensor threshold, count_greater;
+  if (s.is_cuda() && p.k < classes) {
+    // The teacher's top-k threshold first, by the leaner select kernel; the row kernel then only
+    // resolves the ties (the CPU rows select on their own).
+    std::tie(threshold, count_greater) = topk_threshold(t, p.k);
+    p.threshold = threshold.data_ptr();
+    p.count_greater = count_greater.data_ptr<int64_t>();
+  }
   if (s.is_cuda()) {
     launch_on_cuda(s.device(), "deepkd_losses", [&](void* stream) { return deepkd_rows_cuda(p, stream); });
   } else {

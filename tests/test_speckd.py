@@ -127,6 +127,22 @@ def test_backward_scales_and_retains(device):
     assert torch.allclose(student.grad, 3.0 * first, rtol=1e-5, atol=1e-8)
 
 
+@requires_cuda
+def test_cuda_fwd_bwd_allocates_only_the_gradient():
+    # The gradient is computed in the forward and handed to autograd in the backward; nothing else
+    # of [rows, vocab] size may be allocated (for example a zero "gradient" of that stored output).
+    student, teacher, labels = make_logits(512, 32000, torch.bfloat16, "cuda")
+    student.requires_grad_(True)
+    grad_bytes = student.numel() * student.element_size()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    specx.distill.speckd_loss(student, teacher, labels).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - grad_bytes
+    assert extra < 1 << 20, f"{extra} bytes beyond the gradient"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_input_names_the_argument(device):
     student, teacher, labels = make_logits(3, 10, torch.float32, device)

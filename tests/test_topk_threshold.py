@@ -75,6 +75,20 @@ def test_signed_zero_ties_and_infinities(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16_bit_value(device, dtype):
+    # Every non-NaN bit pattern, shuffled into rows: the key of each value (two per 32-bit word on
+    # CUDA) must order them as their values, with -0.0 and +0.0 tied.
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype)
+    x = x[~x.isnan()]
+    x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))][: 8 * 7000].reshape(8, 7000)
+    for k in (1, 2, 700, 3500, 6999, 7000):
+        threshold, count = check(x.to(device), k)
+        assert torch.equal(threshold.cpu(), x.topk(k, dim=-1).values[:, -1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous(device):
     x = torch.randn(40, 6, device=device).t()  # [6, 40], stride (1, 6)
     check(x, 7)

@@ -8,7 +8,7 @@
 namespace specx {
 namespace {
 
-// 64 KiB slices (plus the select's 33 KiB) let two blocks share an SM.
+// 64 KiB slices (both logits) let three blocks share an SM.
 constexpr int64_t kPreferredSliceBytes = 64 * 1024;
 constexpr int kMaxCluster = 8;  // the portable cluster size
 

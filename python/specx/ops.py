@@ -53,6 +53,9 @@ def _speckd_loss_setup_context(ctx, inputs, output):
      reduction, seed, compute_grad) = inputs
     _, row_divergence, row_accepted, grad = output
     ctx.mark_non_differentiable(row_divergence, row_accepted, grad)
+    # Without this, autograd would fill a [rows, vocab] zero tensor as the "gradient" of the
+    # stored-gradient output on every backward: a full extra write (0.6 ms at 8192 x 128256 bf16).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(student, teacher, labels, row_accepted, grad)
     ctx.row_args = (ignore_index, divergence, gate, k, reject_weight, temperature, mix, seed)
     ctx.reduction = reduction
@@ -75,7 +78,7 @@ def row_weights(row_accepted: Tensor, valid: Tensor, reject_weight: float) -> Te
 
 def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accepted, _grad_grad):
     student, teacher, labels, row_accepted, grad = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or grad_loss is None:
         return (None,) * 13
     ignore_index, divergence, gate, k, reject_weight, temperature, mix, seed = ctx.row_args
     reduction = ctx.reduction

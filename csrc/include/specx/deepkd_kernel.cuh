@@ -1,7 +1,7 @@
 // Fused DeepKD kernel: CE, TCKD and top-k-masked NCKD of one row and their three separate
 // gradients wrt the student logits. One thread-block cluster owns one row and caches its slice of
-// both logits in shared memory (read from HBM once); the teacher's top-k threshold is found by
-// radix select on the cached teacher slice, so the mask is never materialised.
+// both logits in shared memory (read from HBM once). The teacher's top-k threshold and the count
+// above it come from the top-k threshold kernel, run first; the mask is never materialised.
 //
 // Per row, with a = s / T, b = t / T, y the target, N = the non-target classes and K the kept set
 // (teacher top-k by raw logit, ties by lowest index, minus y):
@@ -14,8 +14,8 @@
 //   d nckd / d s_j = T [j in K] (softmax_K(a)_j - softmax_K(b)_j)
 // Every sum over N or K is an online (running max, sum) pair relative to that set's own maximum,
 // so no sum underflows to 0 and the sums over N (and K = N without a top-k) are done while the
-// slice loads. Passes: load (+ the first select digit), the remaining select passes and one pass
-// for the sums over K (with a top-k only), then the gradients: one cluster reduction in all.
+// slice loads. Passes: load (+ counting this slice's ties with the threshold), one pass for the
+// sums over K (with a top-k only), then the gradients.
 #pragma once
 #include <cfloat>
 
@@ -27,7 +27,6 @@ namespace specx::deepkd_cuda {
 namespace cg = cooperative_groups;
 using speckd_cuda::kLog2e;
 using topk_cuda::key_of;
-using topk_cuda::kKeyBits;
 
 constexpr int kThreads = topk_cuda::kThreads;
 
@@ -98,6 +97,34 @@ __device__ __forceinline__ float log_add_exp(float x, float y) {
   return hi + log1pf(expf(lo - hi));
 }
 
+// The local index of the n-th (1-based, n <= their count) element of x[0, len) whose key is `key`,
+// in index order. Called by all threads of the block; each thread counts 8 consecutive elements of
+// a tile, and a scan over the threads finds the one holding the n-th.
+template <typename T>
+__device__ int nth_equal_index(const T* x, int len, uint32_t key, unsigned n, unsigned* warp_totals, int* found) {
+  constexpr int kPer = 8;
+  if (threadIdx.x == 0) *found = -1;
+  for (int base = 0; base < len; base += kThreads * kPer) {
+    const int lo = min(len, base + static_cast<int>(threadIdx.x) * kPer), hi = min(len, lo + kPer);
+    unsigned mine = 0;
+    for (int i = lo; i < hi; ++i) mine += key_of(x[i]) == key;
+    const BlockScan<unsigned> scan = block_scan(mine, warp_totals);  // its barriers publish *found = -1
+    unsigned before = scan.before;
+    if (before < n && n <= before + mine) {
+      for (int i = lo; i < hi; ++i) {
+        if (key_of(x[i]) == key && ++before == n) {
+          *found = i;
+          break;
+        }
+      }
+    }
+    __syncthreads();
+    if (*found >= 0) return *found;
+    n -= scan.total;
+  }
+  return len - 1;  // not reached when n is in range
+}
+
 // Writes the three gradients of a slice: f(i, s, t) -> float3, 16 bytes at a time where `vec`.
 template <typename T, typename F>
 __device__ __forceinline__ void write_grads(T* g0, T* g1, T* g2, const T* s, const T* t, int len, bool vec, F&& f) {
@@ -131,7 +158,7 @@ __device__ __forceinline__ void write_grads(T* g0, T* g1, T* g2, const T* s, con
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, 3)
     deepkd_rows_kernel(const DeepKDParams prm, const int slice_len, const bool cached) {
   cg::cluster_group cluster = cg::this_cluster();
   const int64_t C = prm.classes;
@@ -160,8 +187,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   extern __shared__ __align__(16) unsigned char slice_smem[];
-  __shared__ topk_cuda::SelectShared select_shared;
   __shared__ RowSums slot_sums, res_sums;
+  __shared__ unsigned slot_ties, warp_totals[kThreads / 32];
+  __shared__ int tie_found;
   __shared__ alignas(16) unsigned char scratch[kThreads / 32 * sizeof(RowSums)];
 
   const bool select = prm.k < C;
@@ -172,11 +200,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* ct = cached ? cs + slice_len : nullptr;
   // Per-element tests in slice-local 32-bit indices: y's place in this slice (-1 when elsewhere).
   const int y_at = y >= begin && y < begin + len ? static_cast<int>(y - begin) : -1;
-  topk_cuda::RadixSelect sel;
-  if (select) sel.init(&select_shared, kKeyBits<T>, static_cast<unsigned>(prm.k), cluster);
+  // Kept: keys above thr_key, and ties up to local index tie_at. Keys are never 0, so thr_key 0
+  // (no top-k) keeps every class.
+  const uint32_t thr_key = select ? key_of(static_cast<const T*>(prm.threshold)[row]) : 0u;
+  unsigned local_ties = 0;
 
-  // Pass 1: stream the slice in (once): the sums over all classes and over N, and the first
-  // select digit.
+  // Pass 1: stream the slice in (once): the sums over all classes and over N, and the ties.
   constexpr ExpSum kEmpty{-FLT_MAX, 0.0f};
   constexpr ExpSumAcc kEmptyAcc{-FLT_MAX, 0.0f, 0.0f};
   RowSums sums{kEmpty, kEmpty, kEmptyAcc, kEmpty, kEmptyAcc};
@@ -188,27 +217,28 @@ __global__ void __launch_bounds__(kThreads, 2)
       sums.nt_a.add(a);
       sums.nt_b.add(b, b - a);
     }
-    if (select) sel.add(key_of(tv));
+    if (select) local_ties += key_of(tv) == thr_key;
   });
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;
   const bool vec = cached || global_vec;
 
-  // The rest of the teacher's top-k select, then the sums over K.
-  uint32_t thr_key = 0;
-  int tie_at = len;  // local index of the last kept tie; with thr_key 0 every class is kept
+  // The sums over K.
+  int tie_at = len;
   if (select) {
-    while (!sel.resolve(cluster, true)) {
-      topk_cuda::for_each_value(rt, len, vec, [&](int, T t) { sel.add(key_of(t)); });
-    }
-    thr_key = sel.prefix;
-    // The ties kept are the sel.remaining lowest-index ones. The slices are in index order, so
-    // this block keeps those of its own ties that rank within sel.remaining after the lower
-    // blocks' ties: tie_at is this block's last kept tie (-1 when none is).
-    if (sel.remaining <= sel.lower_ties) {
+    // The ties kept are the (k - greater) lowest-index ones. The slices are in index order, so this
+    // block keeps those of its own ties that rank within that many after the lower blocks' ties:
+    // tie_at is this block's last kept tie (-1 when none is).
+    const unsigned ties = block_scan(local_ties, warp_totals).total;
+    if (threadIdx.x == 0) slot_ties = ties;
+    cluster.sync();
+    unsigned lower_ties = 0;
+    for (unsigned r = 0; r < rank; ++r) lower_ties += *cluster.map_shared_rank(&slot_ties, r);
+    const auto remaining = static_cast<unsigned>(prm.k - prm.count_greater[row]);
+    if (remaining <= lower_ties) {
       tie_at = -1;
-    } else if (sel.remaining < sel.lower_ties + sel.local_ties) {
-      tie_at = topk_cuda::nth_equal_index(rt, len, thr_key, sel.remaining - sel.lower_ties, &select_shared);
+    } else if (remaining < lower_ties + ties) {
+      tie_at = nth_equal_index(rt, len, thr_key, remaining - lower_ties, warp_totals, &tie_found);
     }
     for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T sv, T tv) {
       if (i == y_at || !topk_kept(key_of(tv), i, thr_key, tie_at)) return;

@@ -1,10 +1,11 @@
 // Top-k threshold (radix select) interface: torch-free, shared by the CUDA launcher, the CUDA
 // kernels and the CPU glue.
 //
-// Order. Values are compared through an order-preserving unsigned key of their bits: the key of a
-// float is its bits with the sign bit flipped for positives and all bits flipped for negatives, after
-// mapping -0.0 to +0.0 (so -0.0 and +0.0 tie, as they compare equal). For non-NaN values key order
-// is value order; NaNs sort above +inf (positive sign bit) or below -inf (negative sign bit).
+// Order. Values are compared through an order-preserving unsigned key of their bits: with S the
+// sign bit and m the other bits, a positive value's key is S | m and a negative value's is S - m, so
+// -0.0 and +0.0 share the key S (they compare equal) and no key is 0. For non-NaN values key order
+// is value order; NaNs sort above +inf (positive sign bit) or below -inf (negative sign bit). The
+// form needs no special case, and two 16-bit keys can be made at once in one 32-bit word.
 //
 // Tie rule. The threshold is the k-th largest value counting multiplicity; `greater` counts the
 // entries strictly above it (greater < k <= greater + ties). The kept top-k set (DeepKD's mask) is
@@ -23,16 +24,17 @@
 namespace specx {
 
 SPECX_HD uint32_t ordered_key32(uint32_t bits) {
-  if (bits == 0x80000000u) bits = 0;  // -0.0 ties with +0.0
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  return (bits & 0x80000000u) ? 0x80000000u - magnitude : magnitude | 0x80000000u;
 }
 SPECX_HD uint32_t ordered_key16(uint32_t bits) {
-  bits &= 0xFFFFu;
-  if (bits == 0x8000u) bits = 0;
-  return (bits & 0x8000u) ? (~bits & 0xFFFFu) : (bits | 0x8000u);
+  const uint32_t magnitude = bits & 0x7FFFu;
+  return (bits & 0x8000u) ? 0x8000u - magnitude : magnitude | 0x8000u;
 }
-SPECX_HD uint32_t key_to_bits32(uint32_t key) { return (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key; }
-SPECX_HD uint32_t key_to_bits16(uint32_t key) { return (key & 0x8000u) ? (key & 0x7FFFu) : (~key & 0xFFFFu); }
+SPECX_HD uint32_t key_to_bits32(uint32_t key) {
+  return (key & 0x80000000u) ? key & 0x7FFFFFFFu : 0x80000000u | (0x80000000u - key);
+}
+SPECX_HD uint32_t key_to_bits16(uint32_t key) { return (key & 0x8000u) ? key & 0x7FFFu : 0x8000u | (0x8000u - key); }
 
 struct TopKSelection {
   uint32_t key;      // key of the k-th largest entry
@@ -86,6 +88,8 @@ struct DeepKDParams {
   int64_t rows;
   int64_t classes;
   int64_t k;               // teacher top-k kept for NCKD; k >= classes keeps every class
+  const void* threshold;          // [rows]: the teacher's k-th largest value (logits dtype), when k < classes
+  const int64_t* count_greater;   // [rows]: the teacher's entries above it
   float temperature;
   DType dtype;
 };

@@ -30,6 +30,16 @@ __device__ __forceinline__ uint32_t key_of(float v) { return ordered_key32(__flo
 __device__ __forceinline__ uint32_t key_of(__nv_bfloat16 v) { return ordered_key16(__bfloat16_as_ushort(v)); }
 __device__ __forceinline__ uint32_t key_of(__half v) { return ordered_key16(__half_as_ushort(v)); }
 
+// The keys of the two 16-bit values (bf16 or fp16) in a 32-bit word, in the same halves: S - m for a
+// negative half, S | m for a positive one (no borrow crosses the halves: m <= 0x7FFF). Five
+// instructions for two keys, where key_of takes about four for one.
+__device__ __forceinline__ uint32_t key_pair_of(uint32_t w) {
+  uint32_t negative;  // each half's sign bit replicated over the half (prmt's sign-replicate mode)
+  asm("prmt.b32 %0, %1, 0, 0xBB99;" : "=r"(negative) : "r"(w));
+  const uint32_t magnitude = w & 0x7FFF7FFFu;
+  return ((0x80008000u - magnitude) & negative) | ((magnitude | 0x80008000u) & ~negative);
+}
+
 template <typename T>
 __device__ __forceinline__ T value_of_key(uint32_t key) {
   if constexpr (std::is_same_v<T, float>) {
@@ -54,20 +64,16 @@ __device__ __forceinline__ void cluster_red_add(unsigned* addr, unsigned rank, u
   asm volatile("red.relaxed.cluster.shared::cluster.add.u32 [%0], %1;" ::"r"(remote), "r"(v) : "memory");
 }
 
-// Shared memory of one select (one per block and kernel: the last pass leaves it dirty).
-struct SelectShared {
+// Shared memory of one select (one per block and kernel: the last pass leaves it dirty). Aligned
+// for the 16-byte accesses of init() and resolve().
+struct alignas(16) SelectShared {
   unsigned local[kBins];   // this block's histogram of the current pass
   // The cluster's histogram, summed here by every block. Passes alternate between the two, so a
   // block can push the next pass into one while a slower block still scans the other.
   unsigned sum[2][kBins];
-  unsigned lower[kBins];   // the last pass's histogram of the lower-ranked blocks (for the tie rule)
   unsigned warp_totals[kThreads / 32];
   uint32_t digit;
   unsigned before;
-  unsigned bin_count;
-  unsigned local_ties;
-  unsigned lower_ties;
-  int found;
 };
 
 // The k-th largest of a row's keys. Every thread of every block of the cluster holds the same
@@ -80,9 +86,6 @@ struct RadixSelect {
   uint32_t high_mask;  // which bits of prefix are decided
   unsigned remaining;  // the rank sought among the keys matching prefix (1-based)
   unsigned greater;    // keys above the prefix
-  unsigned tie_count;  // after the last pass: the keys equal to the result, in the whole row
-  unsigned local_ties; // ... in this block's slice
-  unsigned lower_ties; // ... in the slices of lower-ranked blocks (when resolve() counted them)
   int pass;
 
   // Clears the histograms and arrives on the cluster barrier that the first resolve() waits on, so
@@ -95,10 +98,9 @@ struct RadixSelect {
     high_mask = 0;
     remaining = k;
     greater = 0;
-    tie_count = local_ties = lower_ties = 0;
     pass = 0;
-    for (int i = threadIdx.x; i < 4 * kBins; i += kThreads) (&sh->local[0])[i] = 0;
-    if (threadIdx.x == 0) sh->found = -1;
+    // local and both sums: 3 * kBins words, 16 bytes at a time.
+    for (int i = threadIdx.x; i < 3 * kBins / 4; i += kThreads) reinterpret_cast<uint4*>(sh->local)[i] = make_uint4(0, 0, 0, 0);
     __syncthreads();
     cluster.barrier_arrive();
   }
@@ -108,11 +110,27 @@ struct RadixSelect {
   __device__ __forceinline__ void add(uint32_t key) {
     if (candidate(key)) atomicAdd(&sh->local[(key >> shift) & ((1u << width) - 1u)], 1u);
   }
+  // The first pass: every key is a candidate and its top digit is all of key >> shift.
+  __device__ __forceinline__ void add_first(uint32_t key) { atomicAdd(&sh->local[key >> shift], 1u); }
+  // The same for the two 16-bit keys of a key_pair_of word.
+  __device__ __forceinline__ void add_first_pair(uint32_t keys) {
+    atomicAdd(&sh->local[(keys >> shift) & ((1u << width) - 1u)], 1u);
+    atomicAdd(&sh->local[keys >> (16 + shift)], 1u);
+  }
+  // A later pass over the two 16-bit keys of a key_pair_of word. A half of `diff` is 0 exactly for
+  // a candidate; (diff - 0x10001) & ~diff & 0x80008000 is non-zero exactly when some half is 0 (a
+  // borrow crosses into the high half only when the low half is 0), so most words cost one test.
+  __device__ __forceinline__ void add_pair(uint32_t keys) {
+    const uint32_t diff = (keys ^ (prefix * 0x10001u)) & (high_mask * 0x10001u);
+    if (((diff - 0x10001u) & ~diff & 0x80008000u) == 0) return;
+    const uint32_t digit_mask = (1u << width) - 1u;
+    if ((diff & 0xFFFFu) == 0) atomicAdd(&sh->local[(keys >> shift) & digit_mask], 1u);
+    if ((diff >> 16) == 0) atomicAdd(&sh->local[(keys >> (16 + shift)) & digit_mask], 1u);
+  }
 
   // Sums the cluster's histograms, picks the digit holding the remaining-th largest key and clears
-  // this pass's histograms. Returns true when the key is complete; then local_ties is set, and
-  // lower_ties too when `count_lower`.
-  __device__ bool resolve(cg::cluster_group& cluster, bool count_lower) {
+  // this pass's histograms. Returns true when the key is complete.
+  __device__ bool resolve(cg::cluster_group& cluster) {
     const unsigned nblocks = cluster.num_blocks(), rank = cluster.block_rank();
     const int nbins = 1 << width;
     const bool last = shift == 0;
@@ -124,10 +142,7 @@ struct RadixSelect {
     for (int b = threadIdx.x; b < nbins; b += kThreads) {
       const unsigned c = sh->local[b];
       if (c == 0) continue;
-      for (unsigned i = 0, r = rank; i < nblocks; ++i, r = r + 1 == nblocks ? 0 : r + 1) {
-        cluster_red_add(sum + b, r, c);
-        if (last && count_lower && r > rank) cluster_red_add(sh->lower + b, r, c);
-      }
+      for (unsigned i = 0, r = rank; i < nblocks; ++i, r = r + 1 == nblocks ? 0 : r + 1) cluster_red_add(sum + b, r, c);
     }
     cluster.sync();  // every block's pushes have landed
 
@@ -149,14 +164,8 @@ struct RadixSelect {
 #pragma unroll
       for (int e = 0; e < kBinsPerThread; ++e) {
         if (before + counts[e] >= remaining) {
-          const int digit = top - 1 - e;
-          sh->digit = static_cast<uint32_t>(digit);
+          sh->digit = static_cast<uint32_t>(top - 1 - e);
           sh->before = before;
-          sh->bin_count = counts[e];
-          if (last) {
-            sh->local_ties = sh->local[digit];
-            sh->lower_ties = count_lower ? sh->lower[digit] : 0u;
-          }
           break;
         }
         before += counts[e];
@@ -166,15 +175,10 @@ struct RadixSelect {
     const uint32_t digit = sh->digit;
     greater += sh->before;
     remaining -= sh->before;
-    tie_count = sh->bin_count;
     prefix |= digit << shift;
     high_mask |= ((1u << width) - 1u) << shift;
     ++pass;
-    if (last) {
-      local_ties = sh->local_ties;
-      lower_ties = sh->lower_ties;
-      return true;
-    }
+    if (last) return true;
     // This pass's sum is pushed into again two passes on, after the barrier the next pass ends with.
     for (int b = threadIdx.x; b < nbins; b += kThreads) {
       sh->local[b] = 0;
@@ -186,34 +190,6 @@ struct RadixSelect {
     return false;
   }
 };
-
-// The local index of the n-th (1-based, n <= their count) element of x[0, len) whose key is `key`,
-// in index order. Called by all threads of the block; each thread counts 8 consecutive elements of
-// a tile, and a scan over the threads finds the one holding the n-th.
-template <typename T>
-__device__ int nth_equal_index(const T* x, int len, uint32_t key, unsigned n, SelectShared* sh) {
-  constexpr int kPer = 8;
-  for (int base = 0; base < len; base += kThreads * kPer) {
-    const int lo = min(len, base + static_cast<int>(threadIdx.x) * kPer), hi = min(len, lo + kPer);
-    unsigned mine = 0;
-    for (int i = lo; i < hi; ++i) mine += key_of(x[i]) == key;
-    const BlockScan<unsigned> scan = block_scan(mine, sh->warp_totals);
-    unsigned before = scan.before;
-    const unsigned total = scan.total;
-    if (before < n && n <= before + mine) {
-      for (int i = lo; i < hi; ++i) {
-        if (key_of(x[i]) == key && ++before == n) {
-          sh->found = i;
-          break;
-        }
-      }
-    }
-    __syncthreads();
-    if (sh->found >= 0) return sh->found;
-    n -= total;
-  }
-  return len - 1;  // not reached when n is in range
-}
 
 // Calls f(local index, value) over a slice, 16 bytes at a time where `vec`.
 template <typename T, typename F>
@@ -230,6 +206,28 @@ __device__ __forceinline__ void for_each_value(const T* x, int len, bool vec, F&
     scalar_from = nvec * kN;
   }
   for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) f(i, x[i]);
+}
+
+// One later pass of a select over a slice: 16-bit values two at a time, 16 bytes at a time where `vec`.
+template <typename T>
+__device__ __forceinline__ void select_pass(RadixSelect& sel, const T* x, int len, bool vec) {
+  if constexpr (sizeof(T) == 2) {
+    int scalar_from = 0;
+    if (vec) {
+      const int nvec = len / 8;
+      for (int v = threadIdx.x; v < nvec; v += kThreads) {
+        const uint4 w = reinterpret_cast<const uint4*>(x)[v];
+        sel.add_pair(key_pair_of(w.x));
+        sel.add_pair(key_pair_of(w.y));
+        sel.add_pair(key_pair_of(w.z));
+        sel.add_pair(key_pair_of(w.w));
+      }
+      scalar_from = nvec * 8;
+    }
+    for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) sel.add(key_of(x[i]));
+  } else {
+    for_each_value(x, len, vec, [&](int, T v) { sel.add(key_of(v)); });
+  }
 }
 
 template <typename T>
@@ -267,9 +265,16 @@ __global__ void __launch_bounds__(kThreads)
           const int v = base + u * kThreads;
           if (v < nvec) {
             if (cached) reinterpret_cast<uint4*>(cache)[v] = a[u];
-            const Pack<T> p = *reinterpret_cast<const Pack<T>*>(&a[u]);
+            if constexpr (sizeof(T) == 2) {
+              sel.add_first_pair(key_pair_of(a[u].x));
+              sel.add_first_pair(key_pair_of(a[u].y));
+              sel.add_first_pair(key_pair_of(a[u].z));
+              sel.add_first_pair(key_pair_of(a[u].w));
+            } else {
+              const Pack<T> p = *reinterpret_cast<const Pack<T>*>(&a[u]);
 #pragma unroll
-            for (int e = 0; e < kN; ++e) sel.add(key_of(p.v[e]));
+              for (int e = 0; e < kN; ++e) sel.add_first(key_of(p.v[e]));
+            }
           }
         }
       }
@@ -278,12 +283,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) {
       const T x = g[i];
       if (cached) cache[i] = x;
-      sel.add(key_of(x));
+      sel.add_first(key_of(x));
     }
   }
   const T* src = cached ? cache : g;
   const bool vec = cached || global_vec;
-  while (!sel.resolve(cluster, false)) for_each_value(src, len, vec, [&](int, T x) { sel.add(key_of(x)); });
+  while (!sel.resolve(cluster)) select_pass(sel, src, len, vec);
   if (rank == 0 && threadIdx.x == 0) {
     static_cast<T*>(prm.threshold)[row] = value_of_key<T>(sel.prefix);
     prm.count_greater[row] = static_cast<int64_t>(sel.greater);
