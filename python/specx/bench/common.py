@@ -9,6 +9,7 @@ import os
 import re
 import statistics
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -168,7 +169,7 @@ def plot_records(path: Path, title: str, records: list[dict], label_keys: list[s
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("ms (median, lower is better)")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, width=int(9 * fig.get_figwidth())), fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
