@@ -19,8 +19,10 @@ int deepkd_rows_cuda(const DeepKDParams& prm, void* stream) {
     using T = decltype(zero);
     const SlicePlan plan = plan_row_slices(prm.classes, prm.rows, 2 * static_cast<int64_t>(sizeof(T)),
                                            16 / sizeof(T), kPreferredSliceBytes, kMaxCachedSliceBytes, kMaxCluster);
-    return launch_row_clusters(deepkd_cuda::deepkd_rows_kernel<T>, prm.rows, plan, deepkd_cuda::kThreads,
-                               static_cast<cudaStream_t>(stream), prm, static_cast<int>(plan.slice), plan.cached);
+    const auto kernel = prm.k < prm.classes ? deepkd_cuda::deepkd_rows_kernel<T, true>
+                                            : deepkd_cuda::deepkd_rows_kernel<T, false>;
+    return launch_row_clusters(kernel, prm.rows, plan, deepkd_cuda::kThreads, static_cast<cudaStream_t>(stream), prm,
+                               static_cast<int>(plan.slice), plan.cached);
   });
 }
 
