@@ -12,12 +12,10 @@
 //   d ce / d s_j   = softmax(s)_j - [j = y]
 //   d tckd / d s_j = T (p_s - p_t) ([j = y] - [j in N] softmax_N(a)_j)
 //   d nckd / d s_j = T [j in K] (softmax_K(a)_j - softmax_K(b)_j)
-// Every sum over N is an online (running max, sum) pair relative to N's own maximum, summed while
-// the slice loads. The sums over K reuse the same exps under the same maximum (K is a subset of N:
-// above the threshold, plus the kept ties); only the one block whose ties are partly kept passes
-// over its ties again. K's teacher sum holds N's teacher maximum whenever K is not empty; its
-// student sum may underflow when K's student logits all lie far below N's, and then K is summed
-// again with its own maximum. Passes: load, then the gradients.
+// Every sum over N or K is an online (running max, sum) pair relative to that set's own maximum,
+// so no sum underflows to 0 and the sums over N (and K = N without a top-k) are done while the
+// slice loads. Passes: load (+ counting this slice's ties with the threshold), one pass for the
+// sums over K (with a top-k only), then the gradients.
 #pragma once
 #include <cfloat>
 
@@ -66,53 +64,6 @@ struct ExpSumAcc {
   }
   __device__ __forceinline__ float lse() const { return m + logf(s); }
 };
-
-// An ExpSum over N that also sums, under the same running maximum, over the classes above the
-// top-k threshold (g) and those equal to it (e): the subsets cost no exps of their own.
-struct MaskedExpSum {
-  float m, s, s_g, s_e;
-  __device__ __forceinline__ void add(float x, bool g, bool e) {
-    if (x > m) {
-      const float f = fast_exp2((m - x) * kLog2e);
-      s = s * f + 1.0f;
-      s_g = s_g * f + (g ? 1.0f : 0.0f);
-      s_e = s_e * f + (e ? 1.0f : 0.0f);
-      m = x;
-    } else {
-      const float v = fast_exp2((x - m) * kLog2e);
-      s += v;
-      s_g += g ? v : 0.0f;
-      s_e += e ? v : 0.0f;
-    }
-  }
-};
-// The same for an ExpSumAcc.
-struct MaskedExpSumAcc {
-  float m, s, acc, s_g, acc_g, s_e, acc_e;
-  __device__ __forceinline__ void add(float x, float w, bool g, bool e) {
-    if (x > m) {
-      const float f = fast_exp2((m - x) * kLog2e);
-      s = s * f + 1.0f;
-      acc = acc * f + w;
-      s_g = s_g * f + (g ? 1.0f : 0.0f);
-      acc_g = acc_g * f + (g ? w : 0.0f);
-      s_e = s_e * f + (e ? 1.0f : 0.0f);
-      acc_e = acc_e * f + (e ? w : 0.0f);
-      m = x;
-    } else {
-      const float v = fast_exp2((x - m) * kLog2e), vw = v * w;
-      s += v;
-      acc += vw;
-      s_g += g ? v : 0.0f;
-      acc_g += g ? vw : 0.0f;
-      s_e += e ? v : 0.0f;
-      acc_e += e ? vw : 0.0f;
-    }
-  }
-};
-
-// Below this, K's student sum (relative to N's student maximum) may have lost flushed terms.
-constexpr float kKSumGuard = 0x1p-60f;
 
 // Sums of one row.
 struct RowSums {
@@ -254,30 +205,19 @@ __global__ void __launch_bounds__(kThreads, 3)
   const uint32_t thr_key = kTopK ? key_of(static_cast<const T*>(prm.threshold)[row]) : 0u;
   unsigned local_ties = 0;
 
-  // Pass 1: stream the slice in (once): the sums over all classes, over N and (with a top-k) over
-  // N's classes above and at the threshold, and the ties (the target included: the tie rule ranks
-  // the whole row).
+  // Pass 1: stream the slice in (once): the sums over all classes and over N, and the ties.
   constexpr ExpSum kEmpty{-FLT_MAX, 0.0f};
   constexpr ExpSumAcc kEmptyAcc{-FLT_MAX, 0.0f, 0.0f};
   RowSums sums{kEmpty, kEmpty, kEmptyAcc, kEmpty, kEmptyAcc};
-  MaskedExpSum nt_a{-FLT_MAX, 0.0f, 0.0f, 0.0f};
-  MaskedExpSumAcc nt_b{-FLT_MAX, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   load_slice_pair<kThreads, 4>(gs, gt, cs, ct, len, cached, global_vec, [&](int i, T sv, T tv) {
     const float s = to_float(sv);
     sums.s1.add(s);
-    if constexpr (kTopK) {
-      const uint32_t key = key_of(tv);
-      local_ties += key == thr_key;
-      if (i != y_at) {
-        const float a = s * inv_t, b = to_float(tv) * inv_t;
-        nt_a.add(a, key > thr_key, key == thr_key);
-        nt_b.add(b, b - a, key > thr_key, key == thr_key);
-      }
-    } else if (i != y_at) {
+    if (i != y_at) {
       const float a = s * inv_t, b = to_float(tv) * inv_t;
       sums.nt_a.add(a);
       sums.nt_b.add(b, b - a);
     }
+    if (kTopK) local_ties += key_of(tv) == thr_key;
   });
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;
@@ -300,37 +240,14 @@ __global__ void __launch_bounds__(kThreads, 3)
     } else if (remaining < lower_ties + ties) {
       tie_at = nth_equal_index(rt, len, thr_key, remaining - lower_ties, warp_totals, &tie_found);
     }
-    sums.nt_a = {nt_a.m, nt_a.s};
-    sums.nt_b = {nt_b.m, nt_b.s, nt_b.acc};
-    const bool all_ties_kept = tie_at == len;
-    sums.k_a = {nt_a.m, nt_a.s_g + (all_ties_kept ? nt_a.s_e : 0.0f)};
-    sums.k_b = {nt_b.m, nt_b.s_g + (all_ties_kept ? nt_b.s_e : 0.0f), nt_b.acc_g + (all_ties_kept ? nt_b.acc_e : 0.0f)};
-    if (tie_at >= 0 && !all_ties_kept) {  // the ties up to tie_at (not the ones this thread loaded)
-      ExpSum ties_a = kEmpty;
-      ExpSumAcc ties_b = kEmptyAcc;
-      for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T sv, T tv) {
-        if (i == y_at || i > tie_at || key_of(tv) != thr_key) return;
-        const float a = to_float(sv) * inv_t, b = to_float(tv) * inv_t;
-        ties_a.add(a);
-        ties_b.add(b, b - a);
-      });
-      sums.k_a = combine(sums.k_a, ties_a);
-      sums.k_b = combine(sums.k_b, ties_b);
-    }
-  }
-  RowSums r = speckd_cuda::cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
-  if (kTopK && r.k_b.s > 0.0f && r.k_a.s < kKSumGuard) {  // the same in every block of the cluster
-    sums.k_a = kEmpty;
-    sums.k_b = kEmptyAcc;
     for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T sv, T tv) {
       if (i == y_at || !topk_kept(key_of(tv), i, thr_key, tie_at)) return;
       const float a = to_float(sv) * inv_t, b = to_float(tv) * inv_t;
       sums.k_a.add(a);
       sums.k_b.add(b, b - a);
     });
-    cluster.sync();  // every block has read the first reduction's slots
-    r = speckd_cuda::cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
   }
+  RowSums r = speckd_cuda::cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
   // This block is done with the other blocks' shared memory; it waits for them before leaving.
   cluster.barrier_arrive();
   if (!kTopK) {  // K = N
@@ -364,7 +281,6 @@ __global__ void __launch_bounds__(kThreads, 3)
     const float scale = *prm.grad_scale;
     const float coef_tc = temp * scale * (ps - pt);
     const float coef_nc = temp * scale;
-    const float k_ratio = kTopK && lse_nt_s - lse_k_s < 20.0f ? fast_exp2((lse_nt_s - lse_k_s) * kLog2e) : 0.0f;
     write_grads(g_ce, g_tc, g_nc, rs, rt, len, vec && global_vec, [&](int i, T sv, T tv) {
       const float s = to_float(sv);
       float3 g;
@@ -381,9 +297,8 @@ __global__ void __launch_bounds__(kThreads, 3)
         g.z = 0.0f;
         return g;
       }
-      // softmax_K(a) = softmax_N(a) exp(lse_N(a) - lse_K(a)): no exp of its own unless that factor
-      // is large enough for softmax_N(a) to have flushed to 0 where softmax_K(a) would not.
-      const float q_k = !kTopK ? q_nt : k_ratio > 0.0f ? q_nt * k_ratio : fast_exp2((a - lse_k_s) * kLog2e);
+      // Without a top-k, K = N and softmax_K(a) is softmax_N(a): one exp less per class.
+      const float q_k = kTopK ? fast_exp2((a - lse_k_s) * kLog2e) : q_nt;
       g.z = coef_nc * (q_k - fast_exp2((to_float(tv) * inv_t - lse_k_t) * kLog2e));
       return g;
     });
