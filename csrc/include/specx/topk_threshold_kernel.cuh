@@ -127,6 +127,19 @@ struct RadixSelect {
     if ((diff & 0xFFFFu) == 0) atomicAdd(&sh->local[(keys >> shift) & digit_mask], 1u);
     if ((diff >> 16) == 0) atomicAdd(&sh->local[(keys >> (16 + shift)) & digit_mask], 1u);
   }
+  // The keys of one 16-byte pack of T values (16-bit ones two per word); kFirst: the first pass.
+  template <typename T, bool kFirst>
+  __device__ __forceinline__ void add_pack(const uint4& pack) {
+    const uint32_t words[4] = {pack.x, pack.y, pack.z, pack.w};
+#pragma unroll
+    for (const uint32_t w : words) {
+      if constexpr (sizeof(T) == 2) {
+        if constexpr (kFirst) add_first_pair(key_pair_of(w)); else add_pair(key_pair_of(w));
+      } else {
+        if constexpr (kFirst) add_first(ordered_key32(w)); else add(ordered_key32(w));
+      }
+    }
+  }
 
   // Sums the cluster's histograms, picks the digit holding the remaining-th largest key and clears
   // this pass's histograms. Returns true when the key is complete.
@@ -191,43 +204,17 @@ struct RadixSelect {
   }
 };
 
-// Calls f(local index, value) over a slice, 16 bytes at a time where `vec`.
-template <typename T, typename F>
-__device__ __forceinline__ void for_each_value(const T* x, int len, bool vec, F&& f) {
+// One later pass of a select over a slice, 16 bytes at a time where `vec`.
+template <typename T>
+__device__ __forceinline__ void select_pass(RadixSelect& sel, const T* x, int len, bool vec) {
   constexpr int kN = Pack<T>::kN;
   int scalar_from = 0;
   if (vec) {
     const int nvec = len / kN;
-    for (int v = threadIdx.x; v < nvec; v += kThreads) {
-      const Pack<T> a = reinterpret_cast<const Pack<T>*>(x)[v];
-#pragma unroll
-      for (int e = 0; e < kN; ++e) f(v * kN + e, a.v[e]);
-    }
+    for (int v = threadIdx.x; v < nvec; v += kThreads) sel.add_pack<T, false>(reinterpret_cast<const uint4*>(x)[v]);
     scalar_from = nvec * kN;
   }
-  for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) f(i, x[i]);
-}
-
-// One later pass of a select over a slice: 16-bit values two at a time, 16 bytes at a time where `vec`.
-template <typename T>
-__device__ __forceinline__ void select_pass(RadixSelect& sel, const T* x, int len, bool vec) {
-  if constexpr (sizeof(T) == 2) {
-    int scalar_from = 0;
-    if (vec) {
-      const int nvec = len / 8;
-      for (int v = threadIdx.x; v < nvec; v += kThreads) {
-        const uint4 w = reinterpret_cast<const uint4*>(x)[v];
-        sel.add_pair(key_pair_of(w.x));
-        sel.add_pair(key_pair_of(w.y));
-        sel.add_pair(key_pair_of(w.z));
-        sel.add_pair(key_pair_of(w.w));
-      }
-      scalar_from = nvec * 8;
-    }
-    for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) sel.add(key_of(x[i]));
-  } else {
-    for_each_value(x, len, vec, [&](int, T v) { sel.add(key_of(v)); });
-  }
+  for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) sel.add(key_of(x[i]));
 }
 
 template <typename T>
@@ -265,16 +252,7 @@ __global__ void __launch_bounds__(kThreads)
           const int v = base + u * kThreads;
           if (v < nvec) {
             if (cached) reinterpret_cast<uint4*>(cache)[v] = a[u];
-            if constexpr (sizeof(T) == 2) {
-              sel.add_first_pair(key_pair_of(a[u].x));
-              sel.add_first_pair(key_pair_of(a[u].y));
-              sel.add_first_pair(key_pair_of(a[u].z));
-              sel.add_first_pair(key_pair_of(a[u].w));
-            } else {
-              const Pack<T> p = *reinterpret_cast<const Pack<T>*>(&a[u]);
-#pragma unroll
-              for (int e = 0; e < kN; ++e) sel.add_first(key_of(p.v[e]));
-            }
+            sel.add_pack<T, true>(a[u]);
           }
         }
       }
