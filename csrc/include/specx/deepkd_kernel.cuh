@@ -12,10 +12,13 @@
 //   d ce / d s_j   = softmax(s)_j - [j = y]
 //   d tckd / d s_j = T (p_s - p_t) ([j = y] - [j in N] softmax_N(a)_j)
 //   d nckd / d s_j = T [j in K] (softmax_K(a)_j - softmax_K(b)_j)
-// Every sum over N or K is an online (running max, sum) pair relative to that set's own maximum,
-// so no sum underflows to 0 and the sums over N (and K = N without a top-k) are done while the
-// slice loads. Passes: load (+ counting this slice's ties with the threshold), one pass for the
-// sums over K (with a top-k only), then the gradients.
+// Every sum over N is an online (running max, sum) pair relative to N's own maximum, taken while
+// the slice loads. The part of K above the threshold is summed in the same pass under the same
+// maxima (K is a subset of N, so it costs no exps of its own); the ties with the threshold are
+// listed while loading and the kept ones (lowest indices first, counted across the cluster) added
+// afterwards. K's teacher sum holds N's teacher maximum whenever K is not empty; its student sum
+// may underflow when all of K's student logits lie far below N's, and then K is summed again
+// under its own maxima. Passes: load, then the gradients.
 #pragma once
 #include <cfloat>
 
@@ -45,7 +48,7 @@ struct ExpSum {
   }
   __device__ __forceinline__ float lse() const { return m + logf(s); }  // -inf when empty
 };
-// The same, plus acc = sum_j exp(x_j - m) w_j.
+// The same, plus acc = sum_j exp(x_j - m) w_j (here w_j = t_j - s_j: T (b_j - a_j)).
 struct ExpSumAcc {
   float m;
   float s;
@@ -65,13 +68,81 @@ struct ExpSumAcc {
   __device__ __forceinline__ float lse() const { return m + logf(s); }
 };
 
+// A thread's running sum over N of exp2((x - m) scale), x a raw logit and m their running maximum,
+// that also sums, under the same maximum, over N's classes above the top-k threshold. The exps'
+// arguments are differences of logits, scaled: exact enough whatever the logits' magnitude.
+struct ExpSumAbove {
+  float m;
+  float s;
+  float s_above;
+  __device__ __forceinline__ void add(float x, float scale, bool above) {
+    if (x > m) {
+      const float f = fast_exp2((m - x) * scale);
+      s = s * f + 1.0f;
+      s_above = s_above * f + (above ? 1.0f : 0.0f);
+      m = x;
+    } else {
+      const float e = fast_exp2((x - m) * scale);
+      s += e;
+      s_above += above ? e : 0.0f;
+    }
+  }
+};
+// The same for an ExpSumAcc.
+struct ExpSumAccAbove {
+  float m;
+  float s;
+  float acc;
+  float s_above;
+  float acc_above;
+  __device__ __forceinline__ void add(float x, float w, float scale, bool above) {
+    if (x > m) {
+      const float f = fast_exp2((m - x) * scale);
+      s = s * f + 1.0f;
+      acc = acc * f + w;
+      s_above = s_above * f + (above ? 1.0f : 0.0f);
+      acc_above = acc_above * f + (above ? w : 0.0f);
+      m = x;
+    } else {
+      const float e = fast_exp2((x - m) * scale), ew = e * w;
+      s += e;
+      acc += ew;
+      s_above += above ? e : 0.0f;
+      acc_above += above ? ew : 0.0f;
+    }
+  }
+};
+
+// Below this, K's student sum relative to N's student maximum may have lost flushed terms.
+constexpr float kKSumGuard = 0x1p-60f;
+// Ties with the threshold that a block lists while loading; a block with more counts them again.
+constexpr int kTieCapacity = kThreads;
+struct Tie {
+  int i;    // local index
+  float s;  // student logit
+};
+
+// The largest of a 16-byte pack's values (two at a time for 16-bit types).
+template <typename T>
+__device__ __forceinline__ float pack_max(const uint4& raw) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 v = *reinterpret_cast<const float4*>(&raw);
+    return fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w));
+  } else {
+    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+    const T2* v = reinterpret_cast<const T2*>(&raw);
+    const T2 m = __hmax2(__hmax2(v[0], v[1]), __hmax2(v[2], v[3]));
+    return fmaxf(to_float(m.x), to_float(m.y));
+  }
+}
+
 // Sums of one row.
 struct RowSums {
   ExpSum s1;     // s over all classes
   ExpSum nt_a;   // a over N
-  ExpSumAcc nt_b;  // b over N, acc: w = b - a
+  ExpSumAcc nt_b;  // b over N, acc: w = t - s
   ExpSum k_a;    // a over K
-  ExpSumAcc k_b;   // b over K, acc: w = b - a
+  ExpSumAcc k_b;   // b over K, acc: w = t - s
 };
 
 // The factor that moves a sum relative to m to one relative to `to` (>= m); 0 for an empty set.
@@ -189,8 +260,9 @@ __global__ void __launch_bounds__(kThreads, 3)
 
   extern __shared__ __align__(16) unsigned char slice_smem[];
   __shared__ RowSums slot_sums, res_sums;
-  __shared__ unsigned slot_ties, warp_totals[kThreads / 32];
+  __shared__ unsigned slot_ties, tie_count, warp_totals[kThreads / 32];
   __shared__ int tie_found;
+  __shared__ Tie ties_listed[kTieCapacity];
   __shared__ alignas(16) unsigned char scratch[kThreads / 32 * sizeof(RowSums)];
 
   const float inv_t = 1.0f / prm.temperature;
@@ -200,54 +272,172 @@ __global__ void __launch_bounds__(kThreads, 3)
   T* ct = cached ? cs + slice_len : nullptr;
   // Per-element tests in slice-local 32-bit indices: y's place in this slice (-1 when elsewhere).
   const int y_at = y >= begin && y < begin + len ? static_cast<int>(y - begin) : -1;
-  // Kept: keys above thr_key, and ties up to local index tie_at. Keys are never 0, so thr_key 0
-  // (no top-k) keeps every class.
-  const uint32_t thr_key = kTopK ? key_of(static_cast<const T*>(prm.threshold)[row]) : 0u;
-  unsigned local_ties = 0;
+  // Kept (with a top-k): values above the threshold, and ties up to local index tie_at. Apart from
+  // NaN, key order is float order (-0 == +0), so the test is two float compares on the value the
+  // passes convert anyway. (A row with a NaN teacher logit has NaN losses whatever is kept.)
+  const T thr_value = kTopK ? static_cast<const T*>(prm.threshold)[row] : T(0.0f);
+  const float thr = to_float(thr_value), b_thr = thr * inv_t;
+  int tie_at = len;
+  auto kept = [&](int i, float t) { return t > thr || (t == thr && i <= tie_at); };
+  if (kTopK && threadIdx.x == 0) tie_count = 0;
+  if (kTopK) __syncthreads();
 
-  // Pass 1: stream the slice in (once): the sums over all classes and over N, and the ties.
+  // Pass 1: stream the slice in (once): the sums over all classes, over N and (with a top-k) over
+  // N above the threshold, and the list of ties (the target included: the tie rule ranks the whole
+  // row). Each thread's running maxima move once per batch of packs, so every class costs three
+  // exps and no branch; only the batch holding the target takes the per-class path.
   constexpr ExpSum kEmpty{-FLT_MAX, 0.0f};
   constexpr ExpSumAcc kEmptyAcc{-FLT_MAX, 0.0f, 0.0f};
   RowSums sums{kEmpty, kEmpty, kEmptyAcc, kEmpty, kEmptyAcc};
-  load_slice_pair<kThreads, 4>(gs, gt, cs, ct, len, cached, global_vec, [&](int i, T sv, T tv) {
-    const float s = to_float(sv);
+  ExpSumAbove nt_a{-FLT_MAX, 0.0f, 0.0f};
+  ExpSumAccAbove nt_b{-FLT_MAX, 0.0f, 0.0f, 0.0f, 0.0f};
+  constexpr int kN = Pack<T>::kN, kUnroll = 4;
+  const float c = inv_t * kLog2e;  // exp((x - m) / T) = exp2((x - m) c)
+  auto list_tie = [&](int i, float s) {
+    const unsigned slot = atomicAdd(&tie_count, 1u);
+    if (slot < kTieCapacity) ties_listed[slot] = {i, s};
+  };
+  auto add_class = [&](int i, T sv, T tv) {
+    const float s = to_float(sv), t = to_float(tv);
     sums.s1.add(s);
     if (i != y_at) {
-      const float a = s * inv_t, b = to_float(tv) * inv_t;
-      sums.nt_a.add(a);
-      sums.nt_b.add(b, b - a);
+      nt_a.add(s, c, kTopK && t > thr);
+      nt_b.add(t, t - s, c, kTopK && t > thr);
     }
-    if (kTopK) local_ties += key_of(tv) == thr_key;
-  });
+    if (kTopK && t == thr) list_tie(i, s);
+  };
+  const int y_pack = y_at >= 0 && y_at / kN % kThreads == static_cast<int>(threadIdx.x) ? y_at / kN : -1;
+  auto add_batch = [&](int first, int count, const uint4(&ps)[kUnroll], const uint4(&pt)[kUnroll]) {
+    if (y_pack >= first && y_pack < first + count * kThreads) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (u < count) {
+          const Pack<T> a = *reinterpret_cast<const Pack<T>*>(&ps[u]);
+          const Pack<T> b = *reinterpret_cast<const Pack<T>*>(&pt[u]);
+#pragma unroll
+          for (int e = 0; e < kN; ++e) add_class((first + u * kThreads) * kN + e, a.v[e], b.v[e]);
+        }
+      }
+      return;
+    }
+    float max_s = -FLT_MAX, max_t = -FLT_MAX;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (u < count) {
+        max_s = fmaxf(max_s, pack_max<T>(ps[u]));
+        max_t = fmaxf(max_t, pack_max<T>(pt[u]));
+      }
+    }
+    if (max_s > sums.s1.m) {
+      sums.s1.s *= fast_exp2((sums.s1.m - max_s) * kLog2e);
+      sums.s1.m = max_s;
+    }
+    if (max_s > nt_a.m) {
+      const float f = fast_exp2((nt_a.m - max_s) * c);
+      nt_a.s *= f;
+      nt_a.s_above *= f;
+      nt_a.m = max_s;
+    }
+    if (max_t > nt_b.m) {
+      const float f = fast_exp2((nt_b.m - max_t) * c);
+      nt_b.s *= f;
+      nt_b.acc *= f;
+      nt_b.s_above *= f;
+      nt_b.acc_above *= f;
+      nt_b.m = max_t;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (u < count) {
+        const Pack<T> a = *reinterpret_cast<const Pack<T>*>(&ps[u]);
+        const Pack<T> b = *reinterpret_cast<const Pack<T>*>(&pt[u]);
+#pragma unroll
+        for (int e = 0; e < kN; ++e) {
+          const float s = to_float(a.v[e]), t = to_float(b.v[e]);
+          sums.s1.s += fast_exp2((s - sums.s1.m) * kLog2e);
+          const float ea = fast_exp2((s - nt_a.m) * c), eb = fast_exp2((t - nt_b.m) * c), ew = eb * (t - s);
+          nt_a.s += ea;
+          nt_b.s += eb;
+          nt_b.acc += ew;
+          if constexpr (kTopK) {
+            if (t > thr) {
+              nt_a.s_above += ea;
+              nt_b.s_above += eb;
+              nt_b.acc_above += ew;
+            }
+            if (t == thr) list_tie((first + u * kThreads) * kN + e, s);
+          }
+        }
+      }
+    }
+  };
+  load_slice_batches<kThreads, kUnroll>(gs, gt, cs, ct, len, cached, global_vec, add_batch, add_class);
+  sums.nt_a = {nt_a.m * inv_t, nt_a.s};
+  sums.nt_b = {nt_b.m * inv_t, nt_b.s, nt_b.acc};
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;
   const bool vec = cached || global_vec;
 
-  // The sums over K.
-  int tie_at = len;
   if (kTopK) {
+    sums.k_a = {nt_a.m * inv_t, nt_a.s_above};
+    sums.k_b = {nt_b.m * inv_t, nt_b.s_above, nt_b.acc_above};
     // The ties kept are the (k - greater) lowest-index ones. The slices are in index order, so this
-    // block keeps those of its own ties that rank within that many after the lower blocks' ties:
-    // tie_at is this block's last kept tie (-1 when none is).
-    const unsigned ties = block_scan(local_ties, warp_totals).total;
+    // block keeps its `keep` lowest-index ties, after the lower blocks' ties; tie_at is the last
+    // of them (-1 when none is).
+    __syncthreads();
+    const unsigned ties = tie_count;
     if (threadIdx.x == 0) slot_ties = ties;
     cluster.sync();
     unsigned lower_ties = 0;
     for (unsigned r = 0; r < rank; ++r) lower_ties += *cluster.map_shared_rank(&slot_ties, r);
     const auto remaining = static_cast<unsigned>(prm.k - prm.count_greater[row]);
-    if (remaining <= lower_ties) {
+    const unsigned keep = remaining <= lower_ties ? 0u : min(ties, remaining - lower_ties);
+    ExpSum kept_a = kEmpty;
+    ExpSumAcc kept_b = kEmptyAcc;
+    auto add_kept_tie = [&](int i, float s) {
+      if (i == y_at) return;
+      kept_a.add(s * inv_t);
+      kept_b.add(b_thr, thr - s);
+    };
+    if (keep == 0) {
       tie_at = -1;
-    } else if (remaining < lower_ties + ties) {
-      tie_at = nth_equal_index(rt, len, thr_key, remaining - lower_ties, warp_totals, &tie_found);
+    } else if (ties <= kTieCapacity) {
+      // Entry j is kept when fewer than `keep` listed ties have a lower index.
+      if (threadIdx.x < ties) {
+        const Tie mine = ties_listed[threadIdx.x];
+        unsigned lower = 0;
+        if (keep < ties) {
+          for (unsigned j = 0; j < ties; ++j) lower += ties_listed[j].i < mine.i;
+          if (lower == keep - 1) tie_found = mine.i;
+        }
+        if (lower < keep) add_kept_tie(mine.i, mine.s);
+      }
+      if (keep < ties) {
+        __syncthreads();
+        tie_at = tie_found;
+      }
+    } else {
+      if (keep < ties) tie_at = nth_equal_index(rt, len, key_of(thr_value), keep, warp_totals, &tie_found);
+      for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T sv, T tv) {
+        if (to_float(tv) == thr && i <= tie_at) add_kept_tie(i, to_float(sv));
+      });
     }
-    for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T sv, T tv) {
-      if (i == y_at || !topk_kept(key_of(tv), i, thr_key, tie_at)) return;
-      const float a = to_float(sv) * inv_t, b = to_float(tv) * inv_t;
-      sums.k_a.add(a);
-      sums.k_b.add(b, b - a);
-    });
+    sums.k_a = combine(sums.k_a, kept_a);
+    sums.k_b = combine(sums.k_b, kept_b);
   }
   RowSums r = speckd_cuda::cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
+  if (kTopK && r.k_b.s > 0.0f && r.k_a.s < kKSumGuard) {  // the same in every block of the cluster
+    sums.k_a = kEmpty;
+    sums.k_b = kEmptyAcc;
+    for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T sv, T tv) {
+      const float s = to_float(sv), t = to_float(tv);
+      if (i == y_at || !kept(i, t)) return;
+      sums.k_a.add(s * inv_t);
+      sums.k_b.add(t * inv_t, t - s);
+    });
+    cluster.sync();  // every block has read the first reduction's slots
+    r = speckd_cuda::cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
+  }
   // This block is done with the other blocks' shared memory; it waits for them before leaving.
   cluster.barrier_arrive();
   if (!kTopK) {  // K = N
@@ -269,7 +459,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   tckd *= temp2;
   const float lse_k_s = r.k_a.lse(), lse_k_t = r.k_b.lse();
   // KL(softmax_K(b) || softmax_K(a)) = sum_K softmax_K(b)_j (b_j - a_j) - lse_K(b) + lse_K(a).
-  const float nckd = r.k_b.s > 0.0f ? temp2 * (r.k_b.acc / r.k_b.s - lse_k_t + lse_k_s) : 0.0f;
+  const float nckd = r.k_b.s > 0.0f ? temp2 * (inv_t * r.k_b.acc / r.k_b.s - lse_k_t + lse_k_s) : 0.0f;
   if (rank == 0 && threadIdx.x == 0) {
     prm.row_losses[3 * row] = lse1 - s_y;
     prm.row_losses[3 * row + 1] = tckd;
@@ -281,6 +471,9 @@ __global__ void __launch_bounds__(kThreads, 3)
     const float scale = *prm.grad_scale;
     const float coef_tc = temp * scale * (ps - pt);
     const float coef_nc = temp * scale;
+    // softmax_K(a) = softmax_N(a) exp(lse_N(a) - lse_K(a)): no exp of its own unless that factor is
+    // large enough for softmax_N(a) to have flushed to 0 where softmax_K(a) would not.
+    const float k_ratio = kTopK && lse_nt_s - lse_k_s < 20.0f ? fast_exp2((lse_nt_s - lse_k_s) * kLog2e) : 0.0f;
     write_grads(g_ce, g_tc, g_nc, rs, rt, len, vec && global_vec, [&](int i, T sv, T tv) {
       const float s = to_float(sv);
       float3 g;
@@ -290,16 +483,14 @@ __global__ void __launch_bounds__(kThreads, 3)
         g.z = 0.0f;
         return g;
       }
-      const float a = s * inv_t;
+      const float a = s * inv_t, t = to_float(tv);
       const float q_nt = fast_exp2((a - lse_nt_s) * kLog2e);  // softmax_N(a)_j
       g.y = -coef_tc * q_nt;
-      if (!topk_kept(key_of(tv), i, thr_key, tie_at)) {
-        g.z = 0.0f;
-        return g;
-      }
-      // Without a top-k, K = N and softmax_K(a) is softmax_N(a): one exp less per class.
-      const float q_k = kTopK ? fast_exp2((a - lse_k_s) * kLog2e) : q_nt;
-      g.z = coef_nc * (q_k - fast_exp2((to_float(tv) * inv_t - lse_k_t) * kLog2e));
+      // Without a top-k, K = N and softmax_K(a) is softmax_N(a). With one, every class pays the
+      // teacher's exp: a branch on `kept` would diverge in most warps anyway.
+      const float q_k = !kTopK ? q_nt : k_ratio > 0.0f ? q_nt * k_ratio : fast_exp2((a - lse_k_s) * kLog2e);
+      const float nc = coef_nc * (q_k - fast_exp2((t * inv_t - lse_k_t) * kLog2e));
+      g.z = !kTopK || kept(i, t) ? nc : 0.0f;
       return g;
     });
   }

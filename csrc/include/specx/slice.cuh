@@ -157,13 +157,15 @@ __device__ __forceinline__ void for_each_pair_by_warp(const T* s, const T* t, in
   for (int u = threadIdx.x % 32; u < units; u += 32) visit_unit(s, t, c, u, visit);
 }
 
-// Streams a block's slice of two rows (len elements from gs and gt) in once: copies it to
-// shared memory (cs, ct) when `cached`, and calls visit(local index, s, t) on every element.
-// kUnroll 16-byte loads per tensor are in flight per thread before the first use; each
-// thread sees its elements in increasing index order.
-template <int kThreads, int kUnroll, typename T, typename F>
-__device__ __forceinline__ void load_slice_pair(const T* gs, const T* gt, T* cs, T* ct, int len, bool cached,
-                                                bool vectorized, F&& visit) {
+// Streams a block's slice of two rows (len elements from gs and gt) in once and copies it to
+// shared memory (cs, ct) when `cached`. Each thread loads kUnroll 16-byte packs per tensor before
+// the first use and hands them to visit_batch(first, count, s_packs, t_packs): packs first,
+// first + kThreads, ... of which the first `count` hold data. Elements past the last whole pack
+// (or all of them when not `vectorized`) go to visit(local index, s, t). Each thread sees its
+// elements in increasing index order.
+template <int kThreads, int kUnroll, typename T, typename FBatch, typename F>
+__device__ __forceinline__ void load_slice_batches(const T* gs, const T* gt, T* cs, T* ct, int len, bool cached,
+                                                   bool vectorized, FBatch&& visit_batch, F&& visit) {
   constexpr int kN = Pack<T>::kN;
   int scalar_from = 0;
   if (vectorized) {
@@ -180,20 +182,17 @@ __device__ __forceinline__ void load_slice_pair(const T* gs, const T* gt, T* cs,
           b[u] = __ldcs(vt + v);
         }
       }
+      const int count = min(kUnroll, (nvec - base + kThreads - 1) / kThreads);
+      if (cached) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int v = base + u * kThreads;
-        if (v < nvec) {
-          if (cached) {
-            reinterpret_cast<uint4*>(cs)[v] = a[u];
-            reinterpret_cast<uint4*>(ct)[v] = b[u];
+        for (int u = 0; u < kUnroll; ++u) {
+          if (u < count) {
+            reinterpret_cast<uint4*>(cs)[base + u * kThreads] = a[u];
+            reinterpret_cast<uint4*>(ct)[base + u * kThreads] = b[u];
           }
-          const Pack<T> pa = *reinterpret_cast<const Pack<T>*>(&a[u]);
-          const Pack<T> pb = *reinterpret_cast<const Pack<T>*>(&b[u]);
-#pragma unroll
-          for (int e = 0; e < kN; ++e) visit(v * kN + e, pa.v[e], pb.v[e]);
         }
       }
+      visit_batch(base, count, a, b);
     }
     scalar_from = nvec * kN;
   }
@@ -205,6 +204,28 @@ __device__ __forceinline__ void load_slice_pair(const T* gs, const T* gt, T* cs,
     }
     visit(i, s, t);
   }
+}
+
+// load_slice_batches with every element handed to visit(local index, s, t).
+template <int kThreads, int kUnroll, typename T, typename F>
+__device__ __forceinline__ void load_slice_pair(const T* gs, const T* gt, T* cs, T* ct, int len, bool cached,
+                                                bool vectorized, F&& visit) {
+  constexpr int kN = Pack<T>::kN;
+  load_slice_batches<kThreads, kUnroll>(
+      gs, gt, cs, ct, len, cached, vectorized,
+      [&](int first, int count, const uint4(&a)[kUnroll], const uint4(&b)[kUnroll]) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (u < count) {
+            const int v = first + u * kThreads;
+            const Pack<T> pa = *reinterpret_cast<const Pack<T>*>(&a[u]);
+            const Pack<T> pb = *reinterpret_cast<const Pack<T>*>(&b[u]);
+#pragma unroll
+            for (int e = 0; e < kN; ++e) visit(v * kN + e, pa.v[e], pb.v[e]);
+          }
+        }
+      },
+      visit);
 }
 
 }  // namespace specx
