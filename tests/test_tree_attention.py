@@ -180,9 +180,11 @@ def test_cuda_matches_reference(dtype, head_dim, ratio, tree):
 
 @needs_cuda
 @pytest.mark.parametrize("batch,size,max_prefix", [(1, 64, 4096), (16, 64, 1500), (5, 128, 8192), (3, 1, 8192),
-                                                   (7, 33, 0), (2, 100, 63), (16, 1, 2048)])
+                                                   (7, 33, 0), (2, 100, 63), (16, 1, 2048), (4, 30, 2048)])
 @pytest.mark.parametrize("num_splits", [0, 1, 5])
-def test_cuda_long_prefixes_and_splits(batch, size, max_prefix, num_splits):
+@pytest.mark.parametrize("wgmma", ["1", "0"])  # on Hopper, "0" forces the mma.sync kernel
+def test_cuda_long_prefixes_and_splits(batch, size, max_prefix, num_splits, wgmma, monkeypatch):
+    monkeypatch.setenv("SPECX_TREE_ATTN_WGMMA", wgmma)
     q, k, v, lens, mask = make_inputs(batch, size, 32, 8, 128, max_prefix, torch.bfloat16, "cuda",
                                       seed=batch * size, lens_dtype=torch.int64)
     check(q, k, v, lens, mask, num_splits=num_splits)

@@ -1,12 +1,17 @@
-// Launcher of the tree attention kernels: picks the tile configuration and the KV-length split,
-// dispatches on dtype and head_dim, and merges the splits. No torch headers here.
+// Launcher of the tree attention kernels: picks the kernel (wgmma on Hopper, mma.sync elsewhere)
+// and its tile configuration and the KV-length split, dispatches on dtype and head_dim, and
+// merges the splits. No torch headers here.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "specx/tree_attention_kernel.cuh"
+#include "specx/tree_attention_wgmma.cuh"
 
 namespace specx {
 namespace {
@@ -14,6 +19,8 @@ namespace {
 using tree_attn_cuda::LargeTile;
 using tree_attn_cuda::MediumTile;
 using tree_attn_cuda::SmallTile;
+using tree_attn_cuda::WgmmaLargeTile;
+using tree_attn_cuda::WgmmaMediumTile;
 
 constexpr int kMaxSplits = 64;
 // Split cost model, in units of one K/V tile's work: a block's start (Q load, pipeline fill,
@@ -23,10 +30,35 @@ constexpr int64_t kMergeTiles = 2;
 
 int64_t group_rows(const TreeAttentionParams& p) { return p.tree_size * (p.heads_q / p.heads_kv); }
 
-// Calls f(Cfg{}) with the smallest configuration whose block covers the rows of one KV head.
+template <typename Cfg>
+constexpr bool is_wgmma = std::is_same_v<Cfg, WgmmaLargeTile> || std::is_same_v<Cfg, WgmmaMediumTile>;
+
+// The wgmma kernel exists in builds for sm_90a (SPECX_HAS_SM90A, set by CMake) and runs on
+// compute capability 9.0 only; SPECX_TREE_ATTN_WGMMA=0 forces the mma.sync kernel (read on
+// every call, for A/B timing).
+bool use_wgmma() {
+#ifdef SPECX_HAS_SM90A
+  const char* env = std::getenv("SPECX_TREE_ATTN_WGMMA");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  int device = 0, major = 0, minor = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
+// Calls f(Cfg{}) with the smallest configuration whose block covers the rows of one KV head:
+// wgmma on Hopper once a block has more than 64 rows (a warpgroup's m64), else mma.sync.
 template <typename F>
 auto with_tile_config(const TreeAttentionParams& p, F&& f) {
   const int64_t rows = group_rows(p);
+  if (rows > SmallTile::kRows && use_wgmma()) {
+    if (rows > WgmmaMediumTile::kRows) return f(WgmmaLargeTile{});
+    return f(WgmmaMediumTile{});
+  }
   if (rows > MediumTile::kRows) return f(LargeTile{});
   if (rows > SmallTile::kRows) return f(MediumTile{});
   return f(SmallTile{});
@@ -61,8 +93,12 @@ int auto_splits(const TreeAttentionParams& p, int sms) {
 
 template <typename Cfg, typename T, int kHeadDim>
 cudaError_t launch_typed(const TreeAttentionParams& p, cudaStream_t stream) {
-  auto kernel = tree_attn_cuda::tree_attention_kernel<Cfg, T, kHeadDim>;
-  constexpr int smem = tree_attn_cuda::smem_bytes<Cfg, kHeadDim>();
+  auto kernel = [] {
+    if constexpr (is_wgmma<Cfg>) return tree_attn_cuda::tree_attention_wgmma_kernel<Cfg, T, kHeadDim>;
+    else return tree_attn_cuda::tree_attention_kernel<Cfg, T, kHeadDim>;
+  }();
+  constexpr int smem = is_wgmma<Cfg> ? tree_attn_cuda::wgmma_smem_bytes<Cfg, kHeadDim>()
+                                     : tree_attn_cuda::smem_bytes<Cfg, kHeadDim>();
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   // Row blocks of one (sequence, KV head) are neighbours in launch order, so they share the

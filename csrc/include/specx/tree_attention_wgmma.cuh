@@ -1,0 +1,415 @@
+// Tree attention kernel for Hopper (sm_90a): warpgroup MMA (wgmma) tensor cores.
+//
+// Same inputs, outputs and mask rules as tree_attention_kernel, which it replaces on sm_90 for
+// blocks of more than 64 query rows. Each warpgroup (4 warps) owns 64 query rows of one
+// (sequence, KV head), node-major as in the mma.sync kernel, so every K/V tile the block brings
+// into shared memory serves all its rows. S = Q K^T is wgmma m64n64k16 with Q and K read from
+// shared memory through descriptors; O += P V is wgmma m64n{head_dim}k16 with P in registers
+// and V read from shared memory, transposed by the tensor core. The S accumulator of a warp has
+// the layout of mma.m16n8k16's C fragments, and wgmma's register A fragment that of its A
+// fragment, so P is packed from S as in the mma.sync kernel. The online softmax, the mask (only
+// on tiles reaching past the prefix), the cp.async ring filled by all threads and the KV-length
+// split are the mma.sync kernel's.
+//
+// Shared-memory tiles use the 128-byte swizzle wgmma reads: a tile of R rows is stored as column
+// halves of 64 elements (128 bytes per row), 8-row groups 1024 bytes apart, and the 16-byte chunk
+// c of row r sits at chunk position c ^ (r % 8) within its row; every tile starts 1024-byte
+// aligned. The device code exists only in the sm_90a build (__CUDA_ARCH_FEAT_SM90_ALL); the
+// launcher picks this kernel only on a compute capability 9.0 device of such a build.
+#pragma once
+#include "specx/tree_attention_kernel.cuh"
+
+namespace specx::tree_attn_cuda {
+
+// kWarpgroups warpgroups of 64 rows; kStages K/V tiles of kBlockN keys in flight; kMinBlocks
+// blocks per SM, which __launch_bounds__ turns into the register cap (128 for both configs).
+template <int kWarpgroups_, int kStages_, int kMinBlocks_>
+struct WgmmaTileConfig {
+  static constexpr int kWarpgroups = kWarpgroups_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kMinBlocks = kMinBlocks_;
+  static constexpr int kBlockN = 64;
+  static constexpr int kRows = kWarpgroups * 64;
+  static constexpr int kThreads = kWarpgroups * 128;
+};
+// T * group > 128: one block of 256 rows per SM, four tiles ahead.
+using WgmmaLargeTile = WgmmaTileConfig<4, 4, 1>;
+// 64 < T * group <= 128: two blocks per SM.
+using WgmmaMediumTile = WgmmaTileConfig<2, 2, 2>;
+
+// Q tile and the K/V stages, plus slack to align the base to 1024 bytes (the swizzle pattern
+// repeats every 1024 bytes of shared address, and the descriptors assume it starts at 0).
+template <typename Cfg, int kHeadDim>
+constexpr int wgmma_smem_bytes() {
+  return (Cfg::kRows + 2 * Cfg::kStages * Cfg::kBlockN) * kHeadDim * 2 /*bytes*/ + 1024;
+}
+static_assert(wgmma_smem_bytes<WgmmaLargeTile, 128>() <= 227 * 1024);
+static_assert(WgmmaMediumTile::kMinBlocks * (wgmma_smem_bytes<WgmmaMediumTile, 128>() + 1024) <= 228 * 1024);
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a 128-byte-swizzled tile of kRows rows.
+template <int kRows>
+__device__ __forceinline__ uint32_t sw128_offset(int row, int chunk) {
+  return (chunk / 8) * (kRows * 128) + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
+}
+
+// wgmma shared-memory descriptor with the 128-byte swizzle: start address, leading byte offset
+// (K-major: unused, 16; MN-major: between 64-element column halves), stride byte offset 1024
+// (between 8-row groups), base offset 0. Addresses and offsets are stored in 16-byte units, so a
+// later byte offset x is added to the descriptor as x >> 4.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t leading_bytes) {
+  return uint64_t{(addr & 0x3FFFFu) >> 4} | uint64_t{leading_bytes >> 4} << 16 | uint64_t{1024 >> 4} << 32 |
+         uint64_t{1} << 62;
+}
+
+// Copies keys [key0, key0 + kBlockN) of one KV head into swizzled tiles; keys >= n become 0.
+// Thread x copies chunk x % kChunks of rows x / kChunks + i * kRowsPerPass, so its source steps
+// by a fixed pointer stride and its destination by immediates (the row's swizzle is constant).
+template <typename Cfg, typename T, int kHeadDim>
+struct KvTileLoader {
+  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr int kRowsPerPass = Cfg::kThreads / kChunks;
+  static_assert(Cfg::kThreads % kChunks == 0 && Cfg::kBlockN % kRowsPerPass == 0 && kRowsPerPass % 8 == 0);
+  const T* src;     // this thread's chunk of key 0
+  int64_t seq_stride;
+  int first_row;
+  uint32_t dst;     // this thread's chunk of row first_row, relative to a tile
+  __device__ __forceinline__ KvTileLoader(const T* head_base, int64_t seq_stride_) : seq_stride(seq_stride_) {
+    const int chunk = threadIdx.x % kChunks;
+    first_row = threadIdx.x / kChunks;
+    src = head_base + chunk * 8;
+    dst = sw128_offset<Cfg::kBlockN>(first_row, chunk);
+  }
+  __device__ __forceinline__ void operator()(uint32_t tile, int key0, int n) const {
+    const T* row_src = src + (key0 + first_row) * seq_stride;
+#pragma unroll
+    for (int i = 0; i < Cfg::kBlockN / kRowsPerPass; ++i) {
+      const bool valid = key0 + first_row + i * kRowsPerPass < n;
+      cp_async_16(tile + dst + i * kRowsPerPass * 128, valid ? row_src : src, valid ? 16 : 0);
+      row_src += kRowsPerPass * seq_stride;
+    }
+  }
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>  // waits until at most kPending of the warpgroup's wgmma groups are in flight
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Pins registers an in-flight wgmma reads or writes to this point of the program: the compiler
+// sees the asm as finished when issued, so without it the registers could be read before the
+// wait or reused while the tensor cores still read them.
+template <int N>
+__device__ __forceinline__ void pin(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void pin(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+#define SPECX_F4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define SPECX_F32(d, i) \
+  SPECX_F4(d, i), SPECX_F4(d, i + 4), SPECX_F4(d, i + 8), SPECX_F4(d, i + 12), SPECX_F4(d, i + 16), \
+      SPECX_F4(d, i + 20), SPECX_F4(d, i + 24), SPECX_F4(d, i + 28)
+#define SPECX_D32 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define SPECX_D64 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+// s (+)= Q K^T over 16 dims: A and B both K-major in shared memory; accumulate == 0 overwrites s.
+#define SPECX_WGMMA_QK(ty)                                                                         \
+  asm volatile(                                                                                    \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." ty "." ty " " SPECX_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n" \
+      : SPECX_F32(s, 0)                                                                            \
+      : "l"(desc_q), "l"(desc_k), "r"(accumulate))
+template <typename T>
+__device__ __forceinline__ void wgmma_qk(float (&s)[32], uint64_t desc_q, uint64_t desc_k, int accumulate) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    SPECX_WGMMA_QK("bf16");
+  } else {
+    SPECX_WGMMA_QK("f16");
+  }
+}
+#undef SPECX_WGMMA_QK
+
+// o += P V over 16 keys: P from registers, V MN-major in shared memory (imm-trans-b = 1).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void wgmma_pv(float (&o)[kHeadDim / 2], const uint32_t (&p)[4], uint64_t desc_v) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (kHeadDim == 64) {
+    if constexpr (kBf16) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " SPECX_D32
+                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                   : SPECX_F32(o, 0)
+                   : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v));
+    } else {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " SPECX_D32
+                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                   : SPECX_F32(o, 0)
+                   : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v));
+    }
+  } else {
+    static_assert(kHeadDim == 128);
+    if constexpr (kBf16) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " SPECX_D64
+                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                   : SPECX_F32(o, 0), SPECX_F32(o, 32)
+                   : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v));
+    } else {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " SPECX_D64
+                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                   : SPECX_F32(o, 0), SPECX_F32(o, 32)
+                   : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v));
+    }
+  }
+}
+#undef SPECX_D64
+#undef SPECX_D32
+#undef SPECX_F32
+#undef SPECX_F4
+
+#endif  // sm_90a
+
+template <typename Cfg, typename T, int kHeadDim>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
+    tree_attention_wgmma_kernel(const TreeAttentionParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kBlockN = Cfg::kBlockN;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks of a row
+  constexpr int kDSteps = kHeadDim / 16;  // k-steps of Q K^T
+  constexpr int kKSteps = kBlockN / 16;   // k-steps of P V
+  constexpr int kNTiles = kBlockN / 8;    // 8-key column tiles of S
+  constexpr int kOTiles = kHeadDim / 8;   // 8-wide column tiles of O
+  constexpr uint32_t kTileBytes = kBlockN * kHeadDim * 2;
+  constexpr uint32_t kHalfBytes = kBlockN * 128;  // one 64-element column half of a K/V tile
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t q_tile = (smem_addr(smem_raw) + 1023) & ~1023u;  // [kRows][kHeadDim], swizzled halves
+  const uint32_t k_tiles = q_tile + Cfg::kRows * kHeadDim * 2;     // [kStages][kBlockN][kHeadDim]
+  const uint32_t v_tiles = k_tiles + kStages * kTileBytes;         // [kStages][kBlockN][kHeadDim]
+
+  const int group = static_cast<int>(p.heads_q / p.heads_kv);
+  const int tree_size = static_cast<int>(p.tree_size);
+  const int rows_total = tree_size * group;
+  const int row_blocks = (rows_total + Cfg::kRows - 1) / Cfg::kRows;
+  const int row0 = (blockIdx.x % row_blocks) * Cfg::kRows;
+  const int split = blockIdx.x / row_blocks;
+  const int kv_head = blockIdx.y;
+  const int64_t b = blockIdx.z;
+
+  const int len = static_cast<int>(load_len(p, b));
+  const int n = static_cast<int>(len + p.tree_size < p.max_len ? len + p.tree_size : p.max_len);
+  const int tiles_total = (n + kBlockN - 1) / kBlockN;
+  const int tiles_per_split = (tiles_total + p.splits - 1) / p.splits;
+  const int tile_begin = split * tiles_per_split;
+  const int tile_end = min(tiles_total, tile_begin + tiles_per_split);
+
+  // Q rows of the block (zeros past rows_total), in the first cp.async group with K/V tile 0.
+  {
+    const T* q = static_cast<const T*>(p.q);
+    static_assert(Cfg::kRows * kChunks % Cfg::kThreads == 0);
+#pragma unroll
+    for (int i = 0; i < Cfg::kRows * kChunks / Cfg::kThreads; ++i) {
+      const int c = i * Cfg::kThreads + threadIdx.x;
+      const int row = c / kChunks, chunk = c % kChunks;
+      const int grow = row0 + row;
+      const bool valid = grow < rows_total;
+      const int64_t q_row = (b * tree_size + grow / group) * p.heads_q + kv_head * group + grow % group;
+      cp_async_16(q_tile + sw128_offset<Cfg::kRows>(row, chunk), valid ? q + q_row * kHeadDim + chunk * 8 : q,
+                  valid ? 16 : 0);
+    }
+  }
+  const KvTileLoader<Cfg, T, kHeadDim> load_k(
+      static_cast<const T*>(p.k) + b * p.kv_batch_stride[0] + kv_head * kHeadDim, p.kv_seq_stride[0]);
+  const KvTileLoader<Cfg, T, kHeadDim> load_v(
+      static_cast<const T*>(p.v) + b * p.kv_batch_stride[1] + kv_head * kHeadDim, p.kv_seq_stride[1]);
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (tile_begin + st < tile_end) {
+      load_k(k_tiles + st * kTileBytes, (tile_begin + st) * kBlockN, n);
+      load_v(v_tiles + st * kTileBytes, (tile_begin + st) * kBlockN, n);
+    }
+    cp_async_commit();
+  }
+
+  const int warpgroup = threadIdx.x / 128, warp_in_group = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+  const int quad_row = lane / 4, quad_col = lane % 4;
+  const int wg_row0 = warpgroup * 64;  // first of this warpgroup's rows within the block
+  // wgmma needs the whole warpgroup, so idle warpgroups skip whole tiles (e.g. rows 65-128 of 100).
+  const bool wg_has_rows = row0 + wg_row0 < rows_total;
+  // Row (within the block) of accumulator half r: g or g + 8 of the warp's 16 rows.
+  auto thread_row = [&](int r) { return wg_row0 + warp_in_group * 16 + r * 8 + quad_row; };
+  auto node_of = [&](int row) { return min((row0 + row) / group, tree_size - 1); };
+
+  // Q as the A operand: the warpgroup's 64 rows; k-step ks is 16 dims of column half ks / 4.
+  const uint64_t q_desc = sw128_desc(q_tile + wg_row0 * 128, 16);
+
+  const float scale_log2 = p.scale * kLog2e;
+  float o_acc[kHeadDim / 2];  // element 4t + e: O tile t's C fragment element e (mma.m16n8 layout)
+#pragma unroll
+  for (int i = 0; i < kHeadDim / 2; ++i) o_acc[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // max in the log2 domain
+  float row_sum[2] = {0.f, 0.f};              // this thread's share of the sum
+
+  int stage = 0, load_stage = kStages - 1;
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    cp_async_wait<kStages - 2>();
+    fence_proxy_async();  // this thread's copies of the tile, before wgmma reads them
+    __syncthreads();      // the tile is visible to all, and every wgmma on the refilled stage has completed
+    if (tile + kStages - 1 < tile_end) {
+      load_k(k_tiles + load_stage * kTileBytes, (tile + kStages - 1) * kBlockN, n);
+      load_v(v_tiles + load_stage * kTileBytes, (tile + kStages - 1) * kBlockN, n);
+    }
+    cp_async_commit();
+    const uint32_t k_tile = k_tiles + stage * kTileBytes;
+    const uint32_t v_tile = v_tiles + stage * kTileBytes;
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
+    if (!wg_has_rows) continue;  // it still loads and syncs
+
+    // S = Q K^T: kDSteps wgmma of 16 dims; a k-step inside a column half moves 32 bytes.
+    float s[32];
+    const uint64_t k_desc = sw128_desc(k_tile, 16);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kDSteps; ++ks) {
+      const uint32_t q_step = ((ks / 4) * Cfg::kRows * 128 + (ks % 4) * 32) >> 4;
+      const uint32_t k_step = ((ks / 4) * kHalfBytes + (ks % 4) * 32) >> 4;
+      wgmma_qk<T>(s, q_desc + q_step, k_desc + k_step, ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin(s);
+
+    const int key0 = tile * kBlockN;
+    const bool needs_mask = key0 + kBlockN > len;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int nd = needs_mask ? node_of(thread_row(r)) : 0;
+      const int32_t* mask_row = p.tree_mask != nullptr ? p.tree_mask + (b * tree_size + nd) * p.mask_words : nullptr;
+#pragma unroll
+      for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          float x = s[4 * t + e] * scale_log2;
+          if (needs_mask) {
+            const int key = key0 + t * 8 + quad_col * 2 + (e & 1);
+            bool visible = key < len;
+            if (!visible && key < n) {
+              const int j = key - len;
+              visible = mask_row != nullptr ? tree_mask_bit(mask_row, j) : j <= nd;
+            }
+            if (!visible) x = -INFINITY;
+          }
+          s[4 * t + e] = x;
+        }
+      }
+    }
+
+    // Online softmax: new row maxima, rescale the running sums and outputs, P = 2^(S - max).
+    float alphas[2];
+    bool moved = false;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int t = 0; t < kNTiles; ++t) tile_max = fmaxf(tile_max, fmaxf(s[4 * t + 2 * r], s[4 * t + 2 * r + 1]));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float new_max = fmaxf(row_max[r], tile_max);
+      const float base = new_max == -INFINITY ? 0.f : new_max;  // a row that has seen no key yet
+      const float alpha = fast_exp2(row_max[r] - base);
+      row_max[r] = new_max;
+      float sum = 0.f;
+#pragma unroll
+      for (int t = 0; t < kNTiles; ++t) {
+        s[4 * t + 2 * r] = fast_exp2(s[4 * t + 2 * r] - base);
+        s[4 * t + 2 * r + 1] = fast_exp2(s[4 * t + 2 * r + 1] - base);
+        sum += s[4 * t + 2 * r] + s[4 * t + 2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * alpha + sum;
+      alphas[r] = alpha;
+      moved |= alpha != 1.f;
+    }
+    // Once the row maxima settle no row of the warp moves and the rescale is skipped.
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 2; ++i) o_acc[i] *= alphas[(i >> 1) & 1];
+    }
+
+    // O += P V: the S accumulators of two adjacent 8-key tiles form one A fragment.
+    uint32_t pa[kKSteps][4];
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    // V as the MN-major B operand: column halves kHalfBytes apart, a k-step is 16 rows (keys).
+    const uint64_t v_desc = sw128_desc(v_tile, kHalfBytes);
+    pin(o_acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) wgmma_pv<T, kHeadDim>(o_acc, pa[kk], v_desc + ((kk * 16 * 128) >> 4));
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin(o_acc);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) pin(pa[kk]);
+  }
+  cp_async_wait<0>();  // nothing may stay in flight when the block exits
+
+  // Epilogue: normalise, write the output (or this split's partial) and the log-sum-exp.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int row = row0 + thread_row(r);
+    if (row >= rows_total) continue;
+    const int nd = row / group;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float lse = sum > 0.f ? (row_max[r] + log2f(sum)) * kLn2 : -INFINITY;
+    const int64_t head = kv_head * group + row % group;
+    const int64_t out_row = (b * tree_size + nd) * p.heads_q + head;  // (b, node, head)
+    if (p.splits == 1) {
+      T* out = static_cast<T*>(p.out) + out_row * kHeadDim;
+#pragma unroll
+      for (int t = 0; t < kOTiles; ++t) {
+        *reinterpret_cast<uint32_t*>(out + t * 8 + quad_col * 2) =
+            pack2<T>(o_acc[4 * t + 2 * r] * inv, o_acc[4 * t + 2 * r + 1] * inv);
+      }
+      if (quad_col == 0) p.lse[(b * p.heads_q + head) * tree_size + nd] = lse;
+    } else {
+      const int64_t rows_all = p.batch * tree_size * p.heads_q;
+      float* out = p.partial_out + (split * rows_all + out_row) * kHeadDim;
+#pragma unroll
+      for (int t = 0; t < kOTiles; ++t) {
+        *reinterpret_cast<float2*>(out + t * 8 + quad_col * 2) =
+            make_float2(o_acc[4 * t + 2 * r] * inv, o_acc[4 * t + 2 * r + 1] * inv);
+      }
+      if (quad_col == 0) p.partial_lse[split * rows_all + out_row] = lse;
+    }
+  }
+#endif  // sm_90a
+}
+
+}  // namespace specx::tree_attn_cuda
