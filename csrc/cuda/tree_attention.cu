@@ -19,8 +19,7 @@ namespace {
 using tree_attn_cuda::LargeTile;
 using tree_attn_cuda::MediumTile;
 using tree_attn_cuda::SmallTile;
-using tree_attn_cuda::WgmmaLargeTile;
-using tree_attn_cuda::WgmmaMediumTile;
+using tree_attn_cuda::WgmmaTile;
 
 constexpr int kMaxSplits = 64;
 // Split cost model, in units of one K/V tile's work: a block's start (Q load, pipeline fill,
@@ -31,7 +30,7 @@ constexpr int64_t kMergeTiles = 2;
 int64_t group_rows(const TreeAttentionParams& p) { return p.tree_size * (p.heads_q / p.heads_kv); }
 
 template <typename Cfg>
-constexpr bool is_wgmma = std::is_same_v<Cfg, WgmmaLargeTile> || std::is_same_v<Cfg, WgmmaMediumTile>;
+constexpr bool is_wgmma = std::is_same_v<Cfg, WgmmaTile>;
 
 // The wgmma kernel exists in builds for sm_90a (SPECX_HAS_SM90A, set by CMake) and runs on
 // compute capability 9.0 only; SPECX_TREE_ATTN_WGMMA=0 forces the mma.sync kernel (read on
@@ -50,15 +49,12 @@ bool use_wgmma() {
 #endif
 }
 
-// Calls f(Cfg{}) with the smallest configuration whose block covers the rows of one KV head:
-// wgmma on Hopper once a block has more than 64 rows (a warpgroup's m64), else mma.sync.
+// Calls f(Cfg{}) with the tile configuration: wgmma on Hopper once a KV head has more than 64
+// rows (a warpgroup's m64), else the smallest mma.sync block that covers them.
 template <typename F>
 auto with_tile_config(const TreeAttentionParams& p, F&& f) {
   const int64_t rows = group_rows(p);
-  if (rows > SmallTile::kRows && use_wgmma()) {
-    if (rows > WgmmaMediumTile::kRows) return f(WgmmaLargeTile{});
-    return f(WgmmaMediumTile{});
-  }
+  if (rows > SmallTile::kRows && use_wgmma()) return f(WgmmaTile{});
   if (rows > MediumTile::kRows) return f(LargeTile{});
   if (rows > SmallTile::kRows) return f(MediumTile{});
   return f(SmallTile{});
