@@ -309,15 +309,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int y_pack = y_at >= 0 && y_at / kN % kThreads == static_cast<int>(threadIdx.x) ? y_at / kN : -1;
   auto add_batch = [&](int first, int count, const uint4(&ps)[kUnroll], const uint4(&pt)[kUnroll]) {
     if (y_pack >= first && y_pack < first + count * kThreads) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (u < count) {
-          const Pack<T> a = *reinterpret_cast<const Pack<T>*>(&ps[u]);
-          const Pack<T> b = *reinterpret_cast<const Pack<T>*>(&pt[u]);
-#pragma unroll
-          for (int e = 0; e < kN; ++e) add_class((first + u * kThreads) * kN + e, a.v[e], b.v[e]);
-        }
-      }
+      for_each_in_batch<kThreads, T>(first, count, ps, pt, add_class);
       return;
     }
     float max_s = -FLT_MAX, max_t = -FLT_MAX;
@@ -346,30 +338,22 @@ __global__ void __launch_bounds__(kThreads, 3)
       nt_b.acc_above *= f;
       nt_b.m = max_t;
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (u < count) {
-        const Pack<T> a = *reinterpret_cast<const Pack<T>*>(&ps[u]);
-        const Pack<T> b = *reinterpret_cast<const Pack<T>*>(&pt[u]);
-#pragma unroll
-        for (int e = 0; e < kN; ++e) {
-          const float s = to_float(a.v[e]), t = to_float(b.v[e]);
-          sums.s1.s += fast_exp2((s - sums.s1.m) * kLog2e);
-          const float ea = fast_exp2((s - nt_a.m) * c), eb = fast_exp2((t - nt_b.m) * c), ew = eb * (t - s);
-          nt_a.s += ea;
-          nt_b.s += eb;
-          nt_b.acc += ew;
-          if constexpr (kTopK) {
-            if (t > thr) {
-              nt_a.s_above += ea;
-              nt_b.s_above += eb;
-              nt_b.acc_above += ew;
-            }
-            if (t == thr) list_tie((first + u * kThreads) * kN + e, s);
-          }
+    for_each_in_batch<kThreads, T>(first, count, ps, pt, [&](int i, T sv, T tv) {
+      const float s = to_float(sv), t = to_float(tv);
+      sums.s1.s += fast_exp2((s - sums.s1.m) * kLog2e);
+      const float ea = fast_exp2((s - nt_a.m) * c), eb = fast_exp2((t - nt_b.m) * c), ew = eb * (t - s);
+      nt_a.s += ea;
+      nt_b.s += eb;
+      nt_b.acc += ew;
+      if constexpr (kTopK) {
+        if (t > thr) {
+          nt_a.s_above += ea;
+          nt_b.s_above += eb;
+          nt_b.acc_above += ew;
         }
+        if (t == thr) list_tie(i, s);
       }
-    }
+    });
   };
   load_slice_batches<kThreads, kUnroll>(gs, gt, cs, ct, len, cached, global_vec, add_batch, add_class);
   sums.nt_a = {nt_a.m * inv_t, nt_a.s};

@@ -206,24 +206,30 @@ __device__ __forceinline__ void load_slice_batches(const T* gs, const T* gt, T* 
   }
 }
 
+// Calls visit(local index, s, t) on every element of a batch from load_slice_batches.
+template <int kThreads, typename T, int kUnroll, typename F>
+__device__ __forceinline__ void for_each_in_batch(int first, int count, const uint4 (&a)[kUnroll],
+                                                  const uint4 (&b)[kUnroll], F&& visit) {
+  constexpr int kN = Pack<T>::kN;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) {
+      const Pack<T> pa = *reinterpret_cast<const Pack<T>*>(&a[u]);
+      const Pack<T> pb = *reinterpret_cast<const Pack<T>*>(&b[u]);
+#pragma unroll
+      for (int e = 0; e < kN; ++e) visit((first + u * kThreads) * kN + e, pa.v[e], pb.v[e]);
+    }
+  }
+}
+
 // load_slice_batches with every element handed to visit(local index, s, t).
 template <int kThreads, int kUnroll, typename T, typename F>
 __device__ __forceinline__ void load_slice_pair(const T* gs, const T* gt, T* cs, T* ct, int len, bool cached,
                                                 bool vectorized, F&& visit) {
-  constexpr int kN = Pack<T>::kN;
   load_slice_batches<kThreads, kUnroll>(
       gs, gt, cs, ct, len, cached, vectorized,
       [&](int first, int count, const uint4(&a)[kUnroll], const uint4(&b)[kUnroll]) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (u < count) {
-            const int v = first + u * kThreads;
-            const Pack<T> pa = *reinterpret_cast<const Pack<T>*>(&a[u]);
-            const Pack<T> pb = *reinterpret_cast<const Pack<T>*>(&b[u]);
-#pragma unroll
-            for (int e = 0; e < kN; ++e) visit(v * kN + e, pa.v[e], pb.v[e]);
-          }
-        }
+        for_each_in_batch<kThreads, T>(first, count, a, b, visit);
       },
       visit);
 }
