@@ -165,12 +165,157 @@ __device__ __forceinline__ void load_kv_tile(uint32_t tile, const T* head_base, 
   }
 }
 
+// What one block serves: rows [row0, row0 + kRows) of the (node, head) rows of KV head kv_head
+// of sequence b, and key tiles [tile_begin, tile_end) (its split of the keys).
+struct BlockWork {
+  int group, tree_size, rows_total, row0, split, kv_head;
+  int64_t b;
+  int len, n;  // the prefix length; keys 0 .. n-1 exist (the prefix, then the tree nodes)
+  int tile_begin, tile_end;
+};
+template <int kRows, int kBlockN>
+__device__ __forceinline__ BlockWork block_work(const TreeAttentionParams& p) {
+  BlockWork w;
+  w.group = static_cast<int>(p.heads_q / p.heads_kv);
+  w.tree_size = static_cast<int>(p.tree_size);
+  w.rows_total = w.tree_size * w.group;
+  const int row_blocks = (w.rows_total + kRows - 1) / kRows;
+  w.row0 = (blockIdx.x % row_blocks) * kRows;
+  w.split = blockIdx.x / row_blocks;
+  w.kv_head = blockIdx.y;
+  w.b = blockIdx.z;
+  w.len = static_cast<int>(load_len(p, w.b));
+  w.n = static_cast<int>(w.len + p.tree_size < p.max_len ? w.len + p.tree_size : p.max_len);
+  const int tiles_total = (w.n + kBlockN - 1) / kBlockN;
+  const int tiles_per_split = (tiles_total + p.splits - 1) / p.splits;
+  w.tile_begin = w.split * tiles_per_split;
+  w.tile_end = min(tiles_total, w.tile_begin + tiles_per_split);
+  return w;
+}
+
+// Copies the block's Q rows (zeros past rows_total) into shared memory: 16-byte chunk `chunk` of
+// row `row` to q_tile + offset(row, chunk).
+template <int kRows, int kThreads, typename T, int kHeadDim, typename Offset>
+__device__ __forceinline__ void load_q_rows(const TreeAttentionParams& p, const BlockWork& w, uint32_t q_tile,
+                                            Offset&& offset) {
+  constexpr int kChunks = kHeadDim / 8;
+  static_assert(kRows * kChunks % kThreads == 0);
+  const T* q = static_cast<const T*>(p.q);
+#pragma unroll
+  for (int i = 0; i < kRows * kChunks / kThreads; ++i) {
+    const int c = i * kThreads + threadIdx.x;
+    const int row = c / kChunks, chunk = c % kChunks;
+    const int grow = w.row0 + row;
+    const bool valid = grow < w.rows_total;
+    const int64_t q_row = (w.b * w.tree_size + grow / w.group) * p.heads_q + w.kv_head * w.group + grow % w.group;
+    cp_async_16(q_tile + offset(row, chunk), valid ? q + q_row * kHeadDim + chunk * 8 : q, valid ? 16 : 0);
+  }
+}
+
+// One 16-row m-tile of S for keys key0 .. key0 + 8 kNTiles - 1, as C fragments (this thread's
+// rows of the block: first_row and first_row + 8): scales it into the log2 domain and, where
+// `needs_mask`, hides the keys its rows do not see.
+template <int kNTiles>
+__device__ __forceinline__ void mask_tile(float (&s)[kNTiles][4], const TreeAttentionParams& p, const BlockWork& w,
+                                          int first_row, int key0, bool needs_mask, float scale_log2) {
+  const int quad_col = threadIdx.x % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    // The row's node, computed here rather than held in registers across the key loop.
+    const int nd = needs_mask ? min((w.row0 + first_row + 8 * r) / w.group, w.tree_size - 1) : 0;
+    const int32_t* mask_row = p.tree_mask != nullptr ? p.tree_mask + (w.b * w.tree_size + nd) * p.mask_words : nullptr;
+#pragma unroll
+    for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+      for (int e = 2 * r; e < 2 * r + 2; ++e) {
+        float x = s[t][e] * scale_log2;
+        if (needs_mask) {
+          const int key = key0 + t * 8 + quad_col * 2 + (e & 1);
+          bool visible = key < w.len;
+          if (!visible && key < w.n) {
+            const int j = key - w.len;
+            visible = mask_row != nullptr ? tree_mask_bit(mask_row, j) : j <= nd;
+          }
+          if (!visible) x = -INFINITY;
+        }
+        s[t][e] = x;
+      }
+    }
+  }
+}
+
+// The online-softmax step of a masked m-tile: new row maxima, rescaled running sums, S replaced
+// by P = 2^(S - max), alphas each row's rescale of O. Returns whether a row's maximum moved.
+template <int kNTiles>
+__device__ __forceinline__ bool softmax_tile(float (&s)[kNTiles][4], float (&row_max)[2], float (&row_sum)[2],
+                                             float (&alphas)[2]) {
+  bool moved = false;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int t = 0; t < kNTiles; ++t) tile_max = fmaxf(tile_max, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float new_max = fmaxf(row_max[r], tile_max);
+    const float base = new_max == -INFINITY ? 0.f : new_max;  // a row that has seen no key yet
+    const float alpha = fast_exp2(row_max[r] - base);
+    row_max[r] = new_max;
+    float sum = 0.f;
+#pragma unroll
+    for (int t = 0; t < kNTiles; ++t) {
+      s[t][2 * r] = fast_exp2(s[t][2 * r] - base);
+      s[t][2 * r + 1] = fast_exp2(s[t][2 * r + 1] - base);
+      sum += s[t][2 * r] + s[t][2 * r + 1];
+    }
+    row_sum[r] = row_sum[r] * alpha + sum;
+    alphas[r] = alpha;
+    moved |= alpha != 1.f;
+  }
+  return moved;
+}
+
+// Epilogue of accumulator half r of one m-tile (o: its C fragments over the head dims; `row`
+// the thread's row of the block, `sum` its share of the running sum): normalises and writes the
+// output row (or this split's partial) and the log-sum-exp. Every lane of the warp calls it.
+template <typename T, int kOTiles>
+__device__ __forceinline__ void write_row(const TreeAttentionParams& p, const BlockWork& w, int row, int r,
+                                          const float (&o)[kOTiles][4], float sum, float row_max) {
+  constexpr int kHeadDim = kOTiles * 8;
+  const int quad_col = threadIdx.x % 4;
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  const int grow = w.row0 + row;
+  if (grow >= w.rows_total) return;
+  const int nd = grow / w.group;
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const float lse = sum > 0.f ? (row_max + log2f(sum)) * kLn2 : -INFINITY;
+  const int64_t head = w.kv_head * w.group + grow % w.group;
+  const int64_t out_row = (w.b * w.tree_size + nd) * p.heads_q + head;  // (b, node, head)
+  if (p.splits == 1) {
+    T* out = static_cast<T*>(p.out) + out_row * kHeadDim;
+#pragma unroll
+    for (int t = 0; t < kOTiles; ++t) {
+      *reinterpret_cast<uint32_t*>(out + t * 8 + quad_col * 2) = pack2<T>(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
+    }
+    if (quad_col == 0) p.lse[(w.b * p.heads_q + head) * w.tree_size + nd] = lse;
+  } else {
+    const int64_t rows_all = p.batch * w.tree_size * p.heads_q;
+    float* out = p.partial_out + (w.split * rows_all + out_row) * kHeadDim;
+#pragma unroll
+    for (int t = 0; t < kOTiles; ++t) {
+      *reinterpret_cast<float2*>(out + t * 8 + quad_col * 2) = make_float2(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
+    }
+    if (quad_col == 0) p.partial_lse[w.split * rows_all + out_row] = lse;
+  }
+}
+
 template <typename Cfg, typename T, int kHeadDim>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention_kernel(const TreeAttentionParams p) {
+
   constexpr int kMTiles = Cfg::kMTiles;
   constexpr int kBlockN = Cfg::kBlockN;
   constexpr int kStages = Cfg::kStages;
-  constexpr int kChunks = kHeadDim / 8;     // 16-byte chunks of a row
   constexpr int kDSteps = kHeadDim / 16;    // k-steps of Q K^T
   constexpr int kStepN = Cfg::kStepN;
   constexpr int kNTiles = kStepN / 8;       // 8-key column tiles of S
@@ -181,39 +326,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
   const uint32_t k_tiles = q_tile + Cfg::kRows * kHeadDim * 2;       // [kStages][kBlockN][kHeadDim]
   const uint32_t v_tiles = k_tiles + kStages * kTileBytes;           // [kStages][kBlockN][kHeadDim]
 
-  const int group = static_cast<int>(p.heads_q / p.heads_kv);
-  const int tree_size = static_cast<int>(p.tree_size);
-  const int rows_total = tree_size * group;
-  const int row_blocks = (rows_total + Cfg::kRows - 1) / Cfg::kRows;
-  const int row0 = (blockIdx.x % row_blocks) * Cfg::kRows;
-  const int split = blockIdx.x / row_blocks;
-  const int kv_head = blockIdx.y;
-  const int64_t b = blockIdx.z;
-
-  const int len = static_cast<int>(load_len(p, b));
-  const int n = static_cast<int>(len + p.tree_size < p.max_len ? len + p.tree_size : p.max_len);
-  const int tiles_total = (n + kBlockN - 1) / kBlockN;
-  const int tiles_per_split = (tiles_total + p.splits - 1) / p.splits;
-  const int tile_begin = split * tiles_per_split;
-  const int tile_end = min(tiles_total, tile_begin + tiles_per_split);
-
-  // Q rows of the block (zeros past rows_total), in the first cp.async group with K/V tile 0.
-  {
-    const T* q = static_cast<const T*>(p.q);
-    static_assert(Cfg::kRows * kChunks % Cfg::kThreads == 0);
-#pragma unroll
-    for (int i = 0; i < Cfg::kRows * kChunks / Cfg::kThreads; ++i) {
-      const int c = i * Cfg::kThreads + threadIdx.x;
-      const int row = c / kChunks, chunk = c % kChunks;
-      const int grow = row0 + row;
-      const bool valid = grow < rows_total;
-      const int64_t q_row = (b * tree_size + grow / group) * p.heads_q + kv_head * group + grow % group;
-      cp_async_16(q_tile + swizzle<kHeadDim>(row, chunk), valid ? q + q_row * kHeadDim + chunk * 8 : q,
-                  valid ? 16 : 0);
-    }
-  }
-  const T* k_head = static_cast<const T*>(p.k) + b * p.kv_batch_stride[0] + kv_head * kHeadDim;
-  const T* v_head = static_cast<const T*>(p.v) + b * p.kv_batch_stride[1] + kv_head * kHeadDim;
+  const BlockWork w = block_work<Cfg::kRows, kBlockN>(p);
+  const int tile_begin = w.tile_begin, tile_end = w.tile_end, n = w.n;
+  // Q rows, in the first cp.async group with K/V tile 0.
+  load_q_rows<Cfg::kRows, Cfg::kThreads, T, kHeadDim>(p, w, q_tile,
+                                                      [](int row, int chunk) { return swizzle<kHeadDim>(row, chunk); });
+  const T* k_head = static_cast<const T*>(p.k) + w.b * p.kv_batch_stride[0] + w.kv_head * kHeadDim;
+  const T* v_head = static_cast<const T*>(p.v) + w.b * p.kv_batch_stride[1] + w.kv_head * kHeadDim;
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
     if (tile_begin + st < tile_end) {
@@ -226,13 +345,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
   }
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int quad_row = lane / 4, quad_col = lane % 4;
+  const int quad_row = lane / 4;
   const int warp_row0 = warp * kMTiles * 16;  // first of this warp's rows within the block
-  const bool warp_has_rows = row0 + warp_row0 < rows_total;
+  const bool warp_has_rows = w.row0 + warp_row0 < w.rows_total;
   // Row (within the block) of accumulator half r of m-tile mt: g or g + 8 of the m-tile's 16.
   auto thread_row = [&](int mt, int r) { return warp_row0 + mt * 16 + r * 8 + quad_row; };
-  // Its node; recomputed where needed rather than held in registers across the loop.
-  auto node_of = [&](int row) { return min((row0 + row) / group, tree_size - 1); };
 
   const float scale_log2 = p.scale * kLog2e;
   float o_acc[kMTiles][kOTiles][4];
@@ -296,62 +413,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
       }
 
       const int key0 = tile * kBlockN + step * kStepN;
-      const bool needs_mask = key0 + kStepN > len;
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int nd = needs_mask ? node_of(thread_row(mt, r)) : 0;
-          const int32_t* mask_row =
-              p.tree_mask != nullptr ? p.tree_mask + (b * tree_size + nd) * p.mask_words : nullptr;
-#pragma unroll
-          for (int t = 0; t < kNTiles; ++t) {
-#pragma unroll
-            for (int e = 2 * r; e < 2 * r + 2; ++e) {
-              float x = s[mt][t][e] * scale_log2;
-              if (needs_mask) {
-                const int key = key0 + t * 8 + quad_col * 2 + (e & 1);
-                bool visible = key < len;
-                if (!visible && key < n) {
-                  const int j = key - len;
-                  visible = mask_row != nullptr ? tree_mask_bit(mask_row, j) : j <= nd;
-                }
-                if (!visible) x = -INFINITY;
-              }
-              s[mt][t][e] = x;
-            }
-          }
-        }
-      }
-
-      // Online softmax: new row maxima, rescale the running sums and outputs, P = 2^(S - max).
+      const bool needs_mask = key0 + kStepN > w.len;
       float alphas[kMTiles][2];
       bool moved = false;
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
+      for (int mt = 0; mt < kMTiles; ++mt) mask_tile(s[mt], p, w, thread_row(mt, 0), key0, needs_mask, scale_log2);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float tile_max = -INFINITY;
-#pragma unroll
-          for (int t = 0; t < kNTiles; ++t) tile_max = fmaxf(tile_max, fmaxf(s[mt][t][2 * r], s[mt][t][2 * r + 1]));
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-          const float new_max = fmaxf(row_max[mt][r], tile_max);
-          const float base = new_max == -INFINITY ? 0.f : new_max;  // a row that has seen no key yet
-          const float alpha = fast_exp2(row_max[mt][r] - base);
-          row_max[mt][r] = new_max;
-          float sum = 0.f;
-#pragma unroll
-          for (int t = 0; t < kNTiles; ++t) {
-            s[mt][t][2 * r] = fast_exp2(s[mt][t][2 * r] - base);
-            s[mt][t][2 * r + 1] = fast_exp2(s[mt][t][2 * r + 1] - base);
-            sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
-          }
-          row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
-          alphas[mt][r] = alpha;
-          moved |= alpha != 1.f;
-        }
-      }
+      for (int mt = 0; mt < kMTiles; ++mt) moved |= softmax_tile(s[mt], row_max[mt], row_sum[mt], alphas[mt]);
       // Once the row maxima settle (after the first tiles) no row of the warp moves and the
       // rescale of O, as many multiplies as the mma's of a step, is skipped.
       if (__any_sync(0xffffffffu, moved)) {
@@ -396,36 +464,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[mt][r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const int row = row0 + thread_row(mt, r);
-      if (row >= rows_total) continue;
-      const int nd = row / group;
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      const float lse = sum > 0.f ? (row_max[mt][r] + log2f(sum)) * kLn2 : -INFINITY;
-      const int64_t head = kv_head * group + row % group;
-      const int64_t out_row = (b * tree_size + nd) * p.heads_q + head;  // (b, node, head)
-      if (p.splits == 1) {
-        T* out = static_cast<T*>(p.out) + out_row * kHeadDim;
-#pragma unroll
-        for (int t = 0; t < kOTiles; ++t) {
-          *reinterpret_cast<uint32_t*>(out + t * 8 + quad_col * 2) =
-              pack2<T>(o_acc[mt][t][2 * r] * inv, o_acc[mt][t][2 * r + 1] * inv);
-        }
-        if (quad_col == 0) p.lse[(b * p.heads_q + head) * tree_size + nd] = lse;
-      } else {
-        const int64_t rows_all = p.batch * tree_size * p.heads_q;
-        float* out = p.partial_out + (split * rows_all + out_row) * kHeadDim;
-#pragma unroll
-        for (int t = 0; t < kOTiles; ++t) {
-          *reinterpret_cast<float2*>(out + t * 8 + quad_col * 2) =
-              make_float2(o_acc[mt][t][2 * r] * inv, o_acc[mt][t][2 * r + 1] * inv);
-        }
-        if (quad_col == 0) p.partial_lse[split * rows_all + out_row] = lse;
-      }
-    }
+    for (int r = 0; r < 2; ++r) write_row<T>(p, w, thread_row(mt, r), r, o_acc[mt], row_sum[mt][r], row_max[mt][r]);
   }
 }
 

@@ -146,40 +146,30 @@ __device__ __forceinline__ void wgmma_qk(float (&s)[32], uint64_t desc_q, uint64
 #undef SPECX_WGMMA_QK
 
 // o += P V over 16 keys: P from registers, V MN-major in shared memory (imm-trans-b = 1).
+#define SPECX_WGMMA_PV(shape, ty, d_regs, a_and_b, ...)                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                \
+               "wgmma.mma_async.sync.aligned." shape ".f32." ty "." ty " " d_regs ", " a_and_b ", p, 1, 1, 1;\n}\n" \
+               : __VA_ARGS__                                                                              \
+               : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v))
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void wgmma_pv(float (&o)[kHeadDim / 2], const uint32_t (&p)[4], uint64_t desc_v) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   if constexpr (kHeadDim == 64) {
     if constexpr (kBf16) {
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " SPECX_D32
-                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-                   : SPECX_F32(o, 0)
-                   : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v));
+      SPECX_WGMMA_PV("m64n64k16", "bf16", SPECX_D32, "{%32, %33, %34, %35}, %36", SPECX_F32(o, 0));
     } else {
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " SPECX_D32
-                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-                   : SPECX_F32(o, 0)
-                   : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v));
+      SPECX_WGMMA_PV("m64n64k16", "f16", SPECX_D32, "{%32, %33, %34, %35}, %36", SPECX_F32(o, 0));
     }
   } else {
     static_assert(kHeadDim == 128);
     if constexpr (kBf16) {
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " SPECX_D64
-                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-                   : SPECX_F32(o, 0), SPECX_F32(o, 32)
-                   : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v));
+      SPECX_WGMMA_PV("m64n128k16", "bf16", SPECX_D64, "{%64, %65, %66, %67}, %68", SPECX_F32(o, 0), SPECX_F32(o, 32));
     } else {
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " SPECX_D64
-                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-                   : SPECX_F32(o, 0), SPECX_F32(o, 32)
-                   : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v));
+      SPECX_WGMMA_PV("m64n128k16", "f16", SPECX_D64, "{%64, %65, %66, %67}, %68", SPECX_F32(o, 0), SPECX_F32(o, 32));
     }
   }
 }
+#undef SPECX_WGMMA_PV
 #undef SPECX_D64
 #undef SPECX_D32
 #undef SPECX_F32
@@ -193,7 +183,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kBlockN = Cfg::kBlockN;
   constexpr int kStages = Cfg::kStages;
-  constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks of a row
   constexpr int kDSteps = kHeadDim / 16;  // k-steps of Q K^T
   constexpr int kKSteps = kBlockN / 16;   // k-steps of P V
   constexpr int kNTiles = kBlockN / 8;    // 8-key column tiles of S
@@ -205,41 +194,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const uint32_t k_tiles = q_tile + Cfg::kRows * kHeadDim * 2;     // [kStages][kBlockN][kHeadDim]
   const uint32_t v_tiles = k_tiles + kStages * kTileBytes;         // [kStages][kBlockN][kHeadDim]
 
-  const int group = static_cast<int>(p.heads_q / p.heads_kv);
-  const int tree_size = static_cast<int>(p.tree_size);
-  const int rows_total = tree_size * group;
-  const int row_blocks = (rows_total + Cfg::kRows - 1) / Cfg::kRows;
-  const int row0 = (blockIdx.x % row_blocks) * Cfg::kRows;
-  const int split = blockIdx.x / row_blocks;
-  const int kv_head = blockIdx.y;
-  const int64_t b = blockIdx.z;
-
-  const int len = static_cast<int>(load_len(p, b));
-  const int n = static_cast<int>(len + p.tree_size < p.max_len ? len + p.tree_size : p.max_len);
-  const int tiles_total = (n + kBlockN - 1) / kBlockN;
-  const int tiles_per_split = (tiles_total + p.splits - 1) / p.splits;
-  const int tile_begin = split * tiles_per_split;
-  const int tile_end = min(tiles_total, tile_begin + tiles_per_split);
-
-  // Q rows of the block (zeros past rows_total), in the first cp.async group with K/V tile 0.
-  {
-    const T* q = static_cast<const T*>(p.q);
-    static_assert(Cfg::kRows * kChunks % Cfg::kThreads == 0);
-#pragma unroll
-    for (int i = 0; i < Cfg::kRows * kChunks / Cfg::kThreads; ++i) {
-      const int c = i * Cfg::kThreads + threadIdx.x;
-      const int row = c / kChunks, chunk = c % kChunks;
-      const int grow = row0 + row;
-      const bool valid = grow < rows_total;
-      const int64_t q_row = (b * tree_size + grow / group) * p.heads_q + kv_head * group + grow % group;
-      cp_async_16(q_tile + sw128_offset<Cfg::kRows>(row, chunk), valid ? q + q_row * kHeadDim + chunk * 8 : q,
-                  valid ? 16 : 0);
-    }
-  }
+  const BlockWork w = block_work<Cfg::kRows, kBlockN>(p);
+  const int tile_begin = w.tile_begin, tile_end = w.tile_end, n = w.n;
+  // Q rows, in the first cp.async group with K/V tile 0.
+  load_q_rows<Cfg::kRows, Cfg::kThreads, T, kHeadDim>(p, w, q_tile, [](int row, int chunk) {
+    return sw128_offset<Cfg::kRows>(row, chunk);
+  });
   const KvTileLoader<Cfg, T, kHeadDim> load_k(
-      static_cast<const T*>(p.k) + b * p.kv_batch_stride[0] + kv_head * kHeadDim, p.kv_seq_stride[0]);
+      static_cast<const T*>(p.k) + w.b * p.kv_batch_stride[0] + w.kv_head * kHeadDim, p.kv_seq_stride[0]);
   const KvTileLoader<Cfg, T, kHeadDim> load_v(
-      static_cast<const T*>(p.v) + b * p.kv_batch_stride[1] + kv_head * kHeadDim, p.kv_seq_stride[1]);
+      static_cast<const T*>(p.v) + w.b * p.kv_batch_stride[1] + w.kv_head * kHeadDim, p.kv_seq_stride[1]);
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
     if (tile_begin + st < tile_end) {
@@ -250,13 +214,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   }
 
   const int warpgroup = threadIdx.x / 128, warp_in_group = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-  const int quad_row = lane / 4, quad_col = lane % 4;
+  const int quad_row = lane / 4;
   const int wg_row0 = warpgroup * 64;  // first of this warpgroup's rows within the block
   // wgmma needs the whole warpgroup, so idle warpgroups skip whole tiles (e.g. rows 65-128 of 100).
-  const bool wg_has_rows = row0 + wg_row0 < rows_total;
-  // Row (within the block) of accumulator half r: g or g + 8 of the warp's 16 rows.
-  auto thread_row = [&](int r) { return wg_row0 + warp_in_group * 16 + r * 8 + quad_row; };
-  auto node_of = [&](int row) { return min((row0 + row) / group, tree_size - 1); };
+  const bool wg_has_rows = w.row0 + wg_row0 < w.rows_total;
+  // This thread's first row within the block (accumulator half 0; half 1 is 8 rows further).
+  const int first_row = wg_row0 + warp_in_group * 16 + quad_row;
 
   // Q as the A operand: the warpgroup's 64 rows; k-step ks is 16 dims of column half ks / 4.
   const uint64_t q_desc = sw128_desc(q_tile + wg_row0 * 128, 16);
@@ -299,55 +262,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     pin(s);
 
     const int key0 = tile * kBlockN;
-    const bool needs_mask = key0 + kBlockN > len;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int nd = needs_mask ? node_of(thread_row(r)) : 0;
-      const int32_t* mask_row = p.tree_mask != nullptr ? p.tree_mask + (b * tree_size + nd) * p.mask_words : nullptr;
-#pragma unroll
-      for (int t = 0; t < kNTiles; ++t) {
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          float x = s[4 * t + e] * scale_log2;
-          if (needs_mask) {
-            const int key = key0 + t * 8 + quad_col * 2 + (e & 1);
-            bool visible = key < len;
-            if (!visible && key < n) {
-              const int j = key - len;
-              visible = mask_row != nullptr ? tree_mask_bit(mask_row, j) : j <= nd;
-            }
-            if (!visible) x = -INFINITY;
-          }
-          s[4 * t + e] = x;
-        }
-      }
-    }
-
-    // Online softmax: new row maxima, rescale the running sums and outputs, P = 2^(S - max).
+    auto& s_tiles = reinterpret_cast<float(&)[kNTiles][4]>(s);
+    mask_tile(s_tiles, p, w, first_row, key0, key0 + kBlockN > w.len, scale_log2);
     float alphas[2];
-    bool moved = false;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int t = 0; t < kNTiles; ++t) tile_max = fmaxf(tile_max, fmaxf(s[4 * t + 2 * r], s[4 * t + 2 * r + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float new_max = fmaxf(row_max[r], tile_max);
-      const float base = new_max == -INFINITY ? 0.f : new_max;  // a row that has seen no key yet
-      const float alpha = fast_exp2(row_max[r] - base);
-      row_max[r] = new_max;
-      float sum = 0.f;
-#pragma unroll
-      for (int t = 0; t < kNTiles; ++t) {
-        s[4 * t + 2 * r] = fast_exp2(s[4 * t + 2 * r] - base);
-        s[4 * t + 2 * r + 1] = fast_exp2(s[4 * t + 2 * r + 1] - base);
-        sum += s[4 * t + 2 * r] + s[4 * t + 2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * alpha + sum;
-      alphas[r] = alpha;
-      moved |= alpha != 1.f;
-    }
+    const bool moved = softmax_tile(s_tiles, row_max, row_sum, alphas);
     // Once the row maxima settle no row of the warp moves and the rescale is skipped.
     if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
@@ -380,34 +298,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   // Epilogue: normalise, write the output (or this split's partial) and the log-sum-exp.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int row = row0 + thread_row(r);
-    if (row >= rows_total) continue;
-    const int nd = row / group;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const float lse = sum > 0.f ? (row_max[r] + log2f(sum)) * kLn2 : -INFINITY;
-    const int64_t head = kv_head * group + row % group;
-    const int64_t out_row = (b * tree_size + nd) * p.heads_q + head;  // (b, node, head)
-    if (p.splits == 1) {
-      T* out = static_cast<T*>(p.out) + out_row * kHeadDim;
-#pragma unroll
-      for (int t = 0; t < kOTiles; ++t) {
-        *reinterpret_cast<uint32_t*>(out + t * 8 + quad_col * 2) =
-            pack2<T>(o_acc[4 * t + 2 * r] * inv, o_acc[4 * t + 2 * r + 1] * inv);
-      }
-      if (quad_col == 0) p.lse[(b * p.heads_q + head) * tree_size + nd] = lse;
-    } else {
-      const int64_t rows_all = p.batch * tree_size * p.heads_q;
-      float* out = p.partial_out + (split * rows_all + out_row) * kHeadDim;
-#pragma unroll
-      for (int t = 0; t < kOTiles; ++t) {
-        *reinterpret_cast<float2*>(out + t * 8 + quad_col * 2) =
-            make_float2(o_acc[4 * t + 2 * r] * inv, o_acc[4 * t + 2 * r + 1] * inv);
-      }
-      if (quad_col == 0) p.partial_lse[split * rows_all + out_row] = lse;
-    }
+    write_row<T>(p, w, first_row + 8 * r, r, reinterpret_cast<const float(&)[kOTiles][4]>(o_acc), row_sum[r],
+                 row_max[r]);
   }
 #endif  // sm_90a
 }
