@@ -38,10 +38,15 @@ constexpr int kThreads = topk_cuda::kThreads;
 struct ExpSum {
   float m;
   float s;
+  // Moves the sum to a maximum `to` > m.
+  __device__ __forceinline__ void raise(float to) {
+    s *= fast_exp2((m - to) * kLog2e);
+    m = to;
+  }
   __device__ __forceinline__ void add(float x) {
     if (x > m) {
-      s = s * fast_exp2((m - x) * kLog2e) + 1.0f;
-      m = x;
+      raise(x);
+      s += 1.0f;
     } else {
       s += fast_exp2((x - m) * kLog2e);
     }
@@ -53,12 +58,17 @@ struct ExpSumAcc {
   float m;
   float s;
   float acc;
+  __device__ __forceinline__ void raise(float to) {
+    const float f = fast_exp2((m - to) * kLog2e);
+    s *= f;
+    acc *= f;
+    m = to;
+  }
   __device__ __forceinline__ void add(float x, float w) {
     if (x > m) {
-      const float f = fast_exp2((m - x) * kLog2e);
-      s = s * f + 1.0f;
-      acc = acc * f + w;
-      m = x;
+      raise(x);
+      s += 1.0f;
+      acc += w;
     } else {
       const float e = fast_exp2((x - m) * kLog2e);
       s += e;
@@ -68,19 +78,24 @@ struct ExpSumAcc {
   __device__ __forceinline__ float lse() const { return m + logf(s); }
 };
 
-// A thread's running sum over N of exp2((x - m) scale), x a raw logit and m their running maximum,
-// that also sums, under the same maximum, over N's classes above the top-k threshold. The exps'
+// A thread's running sum over N of exp2((x - m) scale), x a raw logit and m their running maximum
+// (raise moves it to a larger one), that also sums, under the same maximum, over N's classes above the top-k threshold. The exps'
 // arguments are differences of logits, scaled: exact enough whatever the logits' magnitude.
 struct ExpSumAbove {
   float m;
   float s;
   float s_above;
+  __device__ __forceinline__ void raise(float to, float scale) {
+    const float f = fast_exp2((m - to) * scale);
+    s *= f;
+    s_above *= f;
+    m = to;
+  }
   __device__ __forceinline__ void add(float x, float scale, bool above) {
     if (x > m) {
-      const float f = fast_exp2((m - x) * scale);
-      s = s * f + 1.0f;
-      s_above = s_above * f + (above ? 1.0f : 0.0f);
-      m = x;
+      raise(x, scale);
+      s += 1.0f;
+      s_above += above ? 1.0f : 0.0f;
     } else {
       const float e = fast_exp2((x - m) * scale);
       s += e;
@@ -95,14 +110,21 @@ struct ExpSumAccAbove {
   float acc;
   float s_above;
   float acc_above;
+  __device__ __forceinline__ void raise(float to, float scale) {
+    const float f = fast_exp2((m - to) * scale);
+    s *= f;
+    acc *= f;
+    s_above *= f;
+    acc_above *= f;
+    m = to;
+  }
   __device__ __forceinline__ void add(float x, float w, float scale, bool above) {
     if (x > m) {
-      const float f = fast_exp2((m - x) * scale);
-      s = s * f + 1.0f;
-      acc = acc * f + w;
-      s_above = s_above * f + (above ? 1.0f : 0.0f);
-      acc_above = acc_above * f + (above ? w : 0.0f);
-      m = x;
+      raise(x, scale);
+      s += 1.0f;
+      acc += w;
+      s_above += above ? 1.0f : 0.0f;
+      acc_above += above ? w : 0.0f;
     } else {
       const float e = fast_exp2((x - m) * scale), ew = e * w;
       s += e;
@@ -320,24 +342,9 @@ __global__ void __launch_bounds__(kThreads, 3)
         max_t = fmaxf(max_t, pack_max<T>(pt[u]));
       }
     }
-    if (max_s > sums.s1.m) {
-      sums.s1.s *= fast_exp2((sums.s1.m - max_s) * kLog2e);
-      sums.s1.m = max_s;
-    }
-    if (max_s > nt_a.m) {
-      const float f = fast_exp2((nt_a.m - max_s) * c);
-      nt_a.s *= f;
-      nt_a.s_above *= f;
-      nt_a.m = max_s;
-    }
-    if (max_t > nt_b.m) {
-      const float f = fast_exp2((nt_b.m - max_t) * c);
-      nt_b.s *= f;
-      nt_b.acc *= f;
-      nt_b.s_above *= f;
-      nt_b.acc_above *= f;
-      nt_b.m = max_t;
-    }
+    if (max_s > sums.s1.m) sums.s1.raise(max_s);
+    if (max_s > nt_a.m) nt_a.raise(max_s, c);
+    if (max_t > nt_b.m) nt_b.raise(max_t, c);
     for_each_in_batch<kThreads, T>(first, count, ps, pt, [&](int i, T sv, T tv) {
       const float s = to_float(sv), t = to_float(tv);
       sums.s1.s += fast_exp2((s - sums.s1.m) * kLog2e);
