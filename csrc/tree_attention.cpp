@@ -215,13 +215,14 @@ std::tuple<at::Tensor, at::Tensor> tree_attention(const at::Tensor& q, const at:
   if (q.is_cuda()) {
     launch_on_cuda(q.device(), "tree_attention", [&](void* stream) {
       p.splits = tree_attention_cuda_splits(p, static_cast<int>(std::min<int64_t>(num_splits, 1 << 20)));
-      at::Tensor partial_out, partial_lse;
+      at::Tensor partial;
       if (p.splits > 1) {
-        const auto fopts = q.options().dtype(at::kFloat);
-        partial_out = at::empty({p.splits, B, T_, Hq, D}, fopts);
-        partial_lse = at::empty({p.splits, B, T_, Hq}, fopts);
-        p.partial_out = partial_out.data_ptr<float>();
-        p.partial_lse = partial_lse.data_ptr<float>();
+        // The splits' outputs [splits, B, T, Hq, D], then their log-sum-exps [splits, B, T, Hq]:
+        // one allocation, as small trees are launch-bound.
+        const int64_t rows = p.splits * B * T_ * Hq;
+        partial = at::empty({rows * (D + 1)}, q.options().dtype(at::kFloat));
+        p.partial_out = partial.data_ptr<float>();
+        p.partial_lse = p.partial_out + rows * D;
       }
       return tree_attention_cuda(p, stream);
     });

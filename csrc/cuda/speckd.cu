@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "specx/cluster_launch.cuh"
+#include "specx/device_info.h"
 #include "specx/speckd_kernel.cuh"
 
 namespace specx {
@@ -27,9 +28,7 @@ const int kMaxCluster = std::min(16, env_or("SPECX_SPECKD_MAX_CLUSTER", 8));
 template <typename T, typename TG, Divergence kDiv>
 cudaError_t launch_typed(const SpecKDParams& prm, cudaStream_t stream) {
   const int64_t elem_pair = 2 * static_cast<int64_t>(sizeof(T));
-  int sms = 0, device = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int sms = sm_count();
 
   // Few rows: spread each row over more SMs.
   const SlicePlan plan = plan_row_slices(prm.vocab, prm.rows, elem_pair, 16 / sizeof(T), kPreferredSliceBytes,
@@ -63,9 +62,7 @@ __global__ void scale_rows_kernel(T* grad, int64_t rows, int64_t vocab, const fl
 template <typename T>
 cudaError_t launch_scale(void* grad, int64_t rows, int64_t vocab, const float* scale, bool per_row,
                          cudaStream_t stream) {
-  int sms = 0, device = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int sms = sm_count();
   const int64_t blocks = std::min<int64_t>((rows * vocab + 255) / 256, int64_t{sms} * 8);
   scale_rows_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(static_cast<T*>(grad), rows, vocab, scale,
                                                                          per_row);

@@ -10,6 +10,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "specx/device_info.h"
 #include "specx/tree_attention_kernel.cuh"
 #include "specx/tree_attention_wgmma.cuh"
 
@@ -39,11 +40,7 @@ bool use_wgmma() {
 #ifdef SPECX_HAS_SM90A
   const char* env = std::getenv("SPECX_TREE_ATTN_WGMMA");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  int device = 0, major = 0, minor = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  return major == 9 && minor == 0;
+  return compute_capability() == 90;
 #else
   return false;
 #endif
@@ -95,7 +92,8 @@ cudaError_t launch_typed(const TreeAttentionParams& p, cudaStream_t stream) {
   }();
   constexpr int smem = is_wgmma<Cfg> ? tree_attn_cuda::wgmma_smem_bytes<Cfg, kHeadDim>()
                                      : tree_attn_cuda::smem_bytes<Cfg, kHeadDim>();
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  static std::atomic<uint64_t> smem_set;
+  cudaError_t err = set_max_dynamic_smem_once(reinterpret_cast<const void*>(kernel), smem, smem_set);
   if (err != cudaSuccess) return err;
   // Row blocks of one (sequence, KV head) are neighbours in launch order, so they share the
   // K/V tiles through L2.
@@ -130,9 +128,7 @@ int tree_attention_cuda_splits(const TreeAttentionParams& p, int requested) {
     using Cfg = decltype(cfg);
     const int64_t tiles = max_tiles<Cfg>(p);
     if (requested > 0) return static_cast<int>(std::min<int64_t>({requested, tiles, kMaxSplits}));
-    int device = 0, sms = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    const int sms = sm_count();
     if (p.batch * p.heads_kv <= 0 || sms <= 0) return 1;
     return auto_splits<Cfg>(p, sms);
   });

@@ -84,11 +84,34 @@ def extra_peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
 
 
-def measure(fn: Callable[[], object], device: torch.device, *, reps: int = 30) -> dict:
-    """Time and extra peak memory of ``fn``; an exception (out of memory, a peer that fails to
-    compile) is recorded as ``error`` instead of stopping the run."""
+GRAPH_CALLS = 20
+
+
+def graphed(fn: Callable[[], object], device: torch.device, calls: int = 1) -> Callable[[], object] | None:
+    """The replay of ``calls`` back-to-back calls of ``fn`` captured in one CUDA graph, or None
+    off the GPU. Launch-bound ops are timed this way too: one call's replay still pays the
+    graph launch; ``GRAPH_CALLS`` calls per replay give the op's cost inside a captured step."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, reps: int = 30, calls: int = 1) -> dict:
+    """Time (per call, when one ``fn`` makes ``calls`` calls) and extra peak memory of ``fn``; an
+    exception (out of memory, a peer that fails to compile) is recorded as ``error`` instead of
+    stopping the run."""
     try:
-        ms = time_ms(fn, device, reps=reps)
+        ms = time_ms(fn, device, reps=reps) / calls
         mib = extra_peak_mib(fn, device)
     except Exception as exc:  # noqa: BLE001  (a failing peer is a result, not a crash)
         if device.type == "cuda":

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import specx
 import specx.decode
-from specx.bench.common import Ceilings, measure
+from specx.bench.common import GRAPH_CALLS, Ceilings, graphed, measure
 from specx.bench.registry import Benchmark, register
 from specx.reference import tree_attention_visibility
 
@@ -64,6 +64,8 @@ def run_case(case: dict, device: torch.device, ceilings: Ceilings) -> list[dict]
     mask = random_tree_mask(batch, q_len, gen).to(device) if q_len > 1 else None
 
     impls = {"specx": lambda: specx.decode.tree_attention(q, k, v, lens, mask)}
+    if device.type == "cuda":  # the kernels' own time, without the per-call launch cost
+        impls[f"specx_graph{GRAPH_CALLS}"] = (graphed(impls["specx"], device, GRAPH_CALLS), GRAPH_CALLS)
     errors = {}
     if case.get("peers"):
         visible = tree_attention_visibility(lens, q_len, total, mask)  # [B, T, L + T]
@@ -91,8 +93,8 @@ def run_case(case: dict, device: torch.device, ceilings: Ceilings) -> list[dict]
     kv_bytes = 2 * batch * total * heads_kv * head_dim * k.element_size()
     records = []
     for impl, fn in impls.items():
-        result = measure(fn, device)
-        records.append({"impl": impl, **result})
+        fn, calls = fn if isinstance(fn, tuple) else (fn, 1)
+        records.append({"impl": impl, **measure(fn, device, calls=calls)})
     records += [{"impl": impl, "ms": None, "extra_peak_mib": None, "error": err} for impl, err in errors.items()]
     out = []
     for r in records:

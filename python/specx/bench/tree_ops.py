@@ -1,52 +1,43 @@
 """Draft-tree ops: tree construction, greedy and sampling verification, KV compaction, each
 against a plain-PyTorch peer on the same inputs. The small ops are launch-bound, so they are
-also timed as CUDA-graph replays (``*_graph``)."""
+also timed as CUDA-graph replays: ``*_graph`` replays a graph of one call (launch latency
+included), ``*_graph20`` a graph of 20 back-to-back calls, reported per call (the op's cost
+inside a captured decoding step)."""
 
 from __future__ import annotations
 
 import torch
 
-from specx.bench.common import Ceilings, measure
+from specx.bench.common import GRAPH_CALLS, Ceilings, graphed, measure
 from specx.bench.registry import Benchmark, register
 from specx.decode import build_tree, compact_kv, verify_greedy, verify_sample
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def graphed(fn, device: torch.device):
-    """``fn`` captured in a CUDA graph (its replay), or None off the GPU."""
-    if device.type != "cuda":
-        return None
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def with_graphs(impls: dict, device: torch.device) -> dict:
     out = {}
     for name, fn in impls.items():
         out[name] = fn
-        try:
-            out[name + "_graph"] = graphed(fn, device)
-        except Exception:  # noqa: BLE001  (a peer that cannot be captured is simply not graphed)
-            out[name + "_graph"] = None
+        for suffix, calls in (("_graph", 1), (f"_graph{GRAPH_CALLS}", GRAPH_CALLS)):
+            try:
+                replay = graphed(fn, device, calls)
+                out[name + suffix] = None if replay is None else (replay, calls)
+            except Exception:  # noqa: BLE001  (a peer that cannot be captured is simply not graphed)
+                out[name + suffix] = None
     return out
 
 
 def timed(op: str, impls: dict, case: dict, device: torch.device, ceilings: Ceilings,
           moved_bytes: float | None = None) -> list[dict]:
+    """Times each implementation; an entry ``(fn, calls)`` is a replay of ``calls`` calls, timed
+    per call."""
     records = []
     for impl, fn in impls.items():
         if fn is None:
             continue
-        result = measure(fn, device)
+        fn, calls = fn if isinstance(fn, tuple) else (fn, 1)
+        result = measure(fn, device, calls=calls)
         rec = {"op": op, "impl": impl, "shape": dict(case["shape"]), "dtype": case.get("dtype"),
                "variant": case.get("variant"), **result}
         if moved_bytes and result.get("ms"):
