@@ -8,6 +8,65 @@ namespace specx {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// topk_expand sorts one depth's candidates as uint64 keys; a warp sorts blocks of kBlock keys
+// (kRegs per lane, consecutive) in registers, so only strides >= kBlock need the block's barrier.
+constexpr int kRegs = 8;
+constexpr int kLogBlock = 8;
+constexpr int kBlock = 1 << kLogBlock;
+static_assert(kBlock == 32 * kRegs, "a warp's block is its lanes' registers");
+constexpr uint64_t kNoKey = ~0ull;  // invalid candidates and padding: sort last
+
+__host__ __device__ inline int next_pow2(int n) {
+  int m = 1;
+  while (m < n) m <<= 1;
+  return m;
+}
+
+// Dynamic shared memory: the nodes, then the mode's own arrays. The launcher sizes it and the
+// kernel places its arrays with the same offsets.
+struct SmemLayout {
+  size_t token, score, parent, depth, leaf_index, leaf_of, counts;
+  size_t flag;                        // backbone: candidate flags; both: has_child[size]
+  size_t index;                       // backbone
+  size_t keys, prev, run_key, run_i;  // topk_expand
+  size_t bytes;
+};
+
+__host__ __device__ inline SmemLayout smem_layout(const BuildTreeParams& p) {
+  SmemLayout l{};
+  size_t at = 0;
+  auto take = [&at](size_t bytes, size_t align) {
+    at = (at + align - 1) / align * align;
+    const size_t off = at;
+    at += bytes;
+    return off;
+  };
+  const size_t size = size_t(p.size);
+  l.token = take(8 * size, 16);
+  l.score = take(4 * size, 4);
+  l.parent = take(4 * size, 4);
+  l.depth = take(4 * size, 4);
+  l.leaf_index = take(4 * size, 4);
+  l.leaf_of = take(4 * size, 4);
+  l.counts = take(4 * (2 * size_t(p.depth) + 4), 4);  // two per-depth arrays, then 4 scalars
+  if (p.mode == TreeMode::kBackbone) {
+    const size_t n_cand = size_t(p.depth) * p.k;
+    l.index = take(4 * n_cand, 16);
+    l.flag = take(n_cand > size ? n_cand : size, 1);
+  } else {
+    const size_t keep = size - 1;
+    const size_t region = at = (at + 15) / 16 * 16;
+    l.keys = take(8 * size_t(next_pow2(static_cast<int>(keep * p.k))), 16);
+    l.prev = take(8 * keep, 8);
+    l.run_key = take(8 * 2 * keep, 8);
+    l.run_i = take(2 * 2 * keep, 2);
+    l.flag = region;  // has_child is written once the sort arrays are dead
+    if (at < region + size) at = region + size;
+  }
+  l.bytes = (at + 15) / 16 * 16;
+  return l;
+}
 
 struct NodeSmem {
   int64_t* token;
@@ -55,124 +114,267 @@ __device__ void backbone_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, 
   }
 }
 
-// topk_expand: depth by depth, rank the children of the kept nodes by counting, keep the best.
-// Kept lists go to global scratch (level_*); `cand_*` hold one depth's candidates.
-struct TopkScratch {
-  float* level_score;  // [batch, depth, keep]
-  int* level_parent;   // [batch, depth, keep]: rank of the parent in the previous depth
-  int* level_slot;     // [batch, depth, keep]
-};
+// A score as the high half of a sort key: ascending keys are descending scores, and equal scores
+// (ranks_before's ==, so -0.0 and +0.0 too) are equal bits. Exactly invertible otherwise.
+__device__ __forceinline__ uint32_t score_key(float score) {
+  uint32_t u = __float_as_uint(score);
+  if (u == 0x80000000u) u = 0;
+  return (u & 0x80000000u) ? u : (~u & 0x7fffffffu);
+}
 
-__device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int* n_out, TopkScratch g,
-                           float* cand_score, int* cand_parent, int* cand_slot, int* level_count,
-                           int* selected_count) {
-  const int keep = p.size - 1;
-  const int64_t level_base = b * p.depth * int64_t{keep};
-  int prev_count = 1;  // the root
-  int levels = 0;
-  for (int d = 0; d < p.depth && prev_count > 0 && keep > 0; ++d) {
-    const int n_cand = prev_count * p.k;
-    for (int i = threadIdx.x; i < n_cand; i += blockDim.x) {
-      const int pi = i / p.k, c = i % p.k;
-      const float pscore = d == 0 ? 0.0f : g.level_score[level_base + (d - 1) * keep + pi];
-      const int pslot = d == 0 ? 0 : g.level_slot[level_base + (d - 1) * keep + pi];
-      const int64_t off = candidate_offset(p, b, d, pslot, c);
-      const float lp = p.cand_log_probs[off];
-      const bool valid = candidate_valid(p.cand_tokens[off], lp);
-      cand_score[i] = valid ? pscore + score_step(lp) : -INFINITY;
-      cand_parent[i] = valid ? pi : -1;
-      cand_slot[i] = c;
-    }
-    if (threadIdx.x == 0) level_count[d] = 0;
-    __syncthreads();
-    for (int i = threadIdx.x; i < n_cand; i += blockDim.x) {
-      if (cand_parent[i] < 0) continue;
-      int rank = 0;
-      for (int j = 0; j < n_cand && rank < keep; ++j)
-        rank += cand_parent[j] >= 0 && ranks_before(cand_score[j], cand_parent[j], cand_slot[j], cand_score[i],
-                                                    cand_parent[i], cand_slot[i]);
-      if (rank < keep) {
-        const int64_t at = level_base + d * keep + rank;
-        g.level_score[at] = cand_score[i];
-        g.level_parent[at] = cand_parent[i];
-        g.level_slot[at] = cand_slot[i];
-        atomicAdd(&level_count[d], 1);
+__device__ __forceinline__ uint32_t key_hi(uint64_t key) { return static_cast<uint32_t>(key >> 32); }
+
+__device__ __forceinline__ float key_score(uint64_t key) {
+  const uint32_t h = key_hi(key);
+  return __uint_as_float((h & 0x80000000u) ? h : (~h & 0x7fffffffu));
+}
+
+// Bank-conflict-free placement of the sort keys: a lane's kRegs consecutive keys and a warp's
+// consecutive keys both spread over all banks (a permutation within each aligned group of 8).
+__device__ __forceinline__ int swz(int e) { return e ^ ((e >> 3) & 7); }
+
+// One compare-exchange step (stride 2^LJ) of bitonic stage `stage` on a warp's block: lane l
+// holds keys e0 .. e0 + kRegs - 1, e0 = block start + l * kRegs.
+template <int LJ>
+__device__ __forceinline__ void bitonic_step(uint64_t (&v)[kRegs], int e0, int lane, int stage) {
+  constexpr int j = 1 << LJ;
+  if constexpr (j < kRegs) {
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) {
+      if (r & j) continue;
+      const uint64_t a = v[r], c = v[r | j];
+      if ((a > c) == (((e0 + r) & stage) == 0)) {
+        v[r] = c;
+        v[r | j] = a;
       }
     }
-    __syncthreads();
-    prev_count = level_count[d];
-    levels = d + 1;
-    __syncthreads();  // level_count is read by every thread before the next write
-  }
-  // Global ranking over all kept entries: each depth's selection is a prefix of its list.
-  for (int d = threadIdx.x; d < levels; d += blockDim.x) selected_count[d] = 0;
-  __syncthreads();
-  for (int d = 0; d < levels; ++d) {
-    for (int r = threadIdx.x; r < level_count[d]; r += blockDim.x) {
-      const float sc = g.level_score[level_base + d * keep + r];
-      int rank = 0;
-      for (int e = 0; e < levels && rank < keep; ++e)
-        for (int q = 0; q < level_count[e] && rank < keep; ++q)
-          rank += ranks_before(g.level_score[level_base + e * keep + q], e, q, sc, d, r);
-      if (rank < keep) atomicAdd(&selected_count[d], 1);
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int total = 1;
-    for (int d = 0; d < levels; ++d) {
-      const int m = selected_count[d];
-      selected_count[d] = total;  // first node index of depth d
-      total += m;
-    }
-    *n_out = total;
-    for (int d = levels; d < p.depth; ++d) selected_count[d] = total;
-  }
-  __syncthreads();
-  for (int d = 0; d < levels; ++d) {
-    const int first = selected_count[d];
-    const int count = (d + 1 < levels ? selected_count[d + 1] : *n_out) - first;
-    for (int r = threadIdx.x; r < count; r += blockDim.x) {
-      const int64_t at = level_base + d * keep + r;
-      const int prank = g.level_parent[at];
-      const int parent = d == 0 ? 0 : selected_count[d - 1] + prank;
-      const int pslot = d == 0 ? 0 : g.level_slot[level_base + (d - 1) * keep + prank];
-      s.token[first + r] = p.cand_tokens[candidate_offset(p, b, d, pslot, g.level_slot[at])];
-      s.parent[first + r] = parent;
-      s.score[first + r] = g.level_score[at];
-      s.depth[first + r] = d + 1;
+  } else {
+    constexpr int m = j / kRegs;
+    const bool lower = (lane & m) == 0;
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) {
+      const uint64_t o = __shfl_xor_sync(0xffffffffu, v[r], m);
+      const bool keep_min = lower == (((e0 + r) & stage) == 0);
+      v[r] = keep_min == (o < v[r]) ? o : v[r];
     }
   }
 }
 
-__global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p, TopkScratch g) {
+// Steps of stride 2^LJ down to 1 of a stage, those below the stage's size.
+template <int LJ>
+__device__ __forceinline__ void bitonic_steps(uint64_t (&v)[kRegs], int e0, int lane, int stage) {
+  if ((1 << LJ) < stage) bitonic_step<LJ>(v, e0, lane, stage);
+  if constexpr (LJ > 0) bitonic_steps<LJ - 1>(v, e0, lane, stage);
+}
+
+// Number of the first n keys (ascending) whose score key is <= h.
+__device__ __forceinline__ int count_hi_le(const uint64_t* a, int n, uint32_t h) {
+  int lo = 0;
+  while (n > 0) {
+    const int half = n / 2;
+    if (key_hi(a[lo + half]) <= h) {
+      lo += half + 1;
+      n -= half + 1;
+    } else {
+      n = half;
+    }
+  }
+  return lo;
+}
+
+// Number of the first n sort keys (placed by swz) whose score key is < h.
+__device__ __forceinline__ int count_hi_lt_swz(const uint64_t* a, int n, uint32_t h) {
+  int lo = 0;
+  while (n > 0) {
+    const int half = n / 2;
+    if (key_hi(a[swz(lo + half)]) < h) {
+      lo += half + 1;
+      n -= half + 1;
+    } else {
+      n = half;
+    }
+  }
+  return lo;
+}
+
+// Ascending keys are ranks_before's order: score key, then candidate index = parent rank * k + slot
+// (< 8192 = kMaxTopkCandidatesCuda). Ranks are < 1024 (kMaxTreeSizeCuda); depth < 2^22 (far above
+// what the per-depth shared arrays allow).
+struct TopkSmem {
+  uint64_t* keys;     // one depth's candidates, sorted: (score key << 32) | candidate index
+  uint64_t* prev;     // the previous depth's kept list: (score key << 32) | slot
+  uint64_t* run_key;  // [2][keep] best `keep` entries so far: (score key << 32) | depth << 10 | rank
+  uint16_t* run_i;    // [2][keep] their candidate index
+  int* valid;         // [depth] valid candidates per depth
+  int* first;         // [depth] selected per depth, then the first node of each depth
+  int* slot;          // [size] a node's candidate slot
+};
+
+// topk_expand, depth by depth: sort the children of the kept nodes (rank = ranks_before's order,
+// invalid ones last), keep the best `keep`, and merge them into the running best `keep` over all
+// depths. Each depth's selection is a prefix of its list, its parents are selected before it.
+__device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int* n_out, TopkSmem t) {
+  const int keep = p.size - 1;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int i = threadIdx.x; i < 2 * p.depth; i += kThreads) t.valid[i] = 0;  // valid, first
+  __syncthreads();
+  uint64_t* run_in = t.run_key;
+  uint64_t* run_out = t.run_key + keep;
+  uint16_t* run_i_in = t.run_i;
+  uint16_t* run_i_out = t.run_i + keep;
+  int prev_count = 1;  // the root
+  int run_count = 0;
+  int levels = 0;
+  for (int d = 0; d < p.depth && keep > 0 && p.k > 0; ++d) {
+    const int n = prev_count * p.k;
+    const int n_pow2 = next_pow2(n);
+    // Keys of this depth, each warp block sorted in registers (alternating directions past kBlock).
+    int valid = 0;
+    for (int blk = warp; blk * kBlock < n_pow2; blk += kWarps) {
+      const int e0 = blk * kBlock + lane * kRegs;
+      // Addresses first, then all loads at once: one memory round trip, not one per key.
+      int pi = e0 / p.k, c = e0 - pi * p.k;
+      float pscore[kRegs];
+      int64_t off[kRegs];
+#pragma unroll
+      for (int r = 0; r < kRegs; ++r) {
+        const uint64_t pk = d > 0 && e0 + r < n ? t.prev[pi] : 0;  // the root: score 0, slot 0
+        pscore[r] = d > 0 ? key_score(pk) : 0.0f;
+        off[r] = candidate_offset(p, b, d, static_cast<int>(static_cast<uint32_t>(pk)), c);
+        if (++c == p.k) {
+          c = 0;
+          ++pi;
+        }
+      }
+      float lp[kRegs];
+      int64_t tok[kRegs];
+#pragma unroll
+      for (int r = 0; r < kRegs; ++r) {
+        lp[r] = e0 + r < n ? p.cand_log_probs[off[r]] : -INFINITY;
+        tok[r] = e0 + r < n ? p.cand_tokens[off[r]] : -1;
+      }
+      uint64_t v[kRegs];
+#pragma unroll
+      for (int r = 0; r < kRegs; ++r) {
+        const bool ok = candidate_valid(tok[r], lp[r]);  // false past n
+        v[r] = ok ? uint64_t{score_key(pscore[r] + score_step(lp[r]))} << 32 | static_cast<uint32_t>(e0 + r) : kNoKey;
+        valid += ok;
+      }
+      for (int stage = 2; stage <= n_pow2 && stage <= kBlock; stage <<= 1)
+        bitonic_steps<kLogBlock - 1>(v, e0, lane, stage);
+#pragma unroll
+      for (int r = 0; r < kRegs; ++r)
+        if (e0 + r < n_pow2) t.keys[swz(e0 + r)] = v[r];
+    }
+    valid = __reduce_add_sync(0xffffffffu, valid);
+    if (lane == 0 && valid > 0) atomicAdd(&t.valid[d], valid);
+    __syncthreads();
+    // Stages past a warp's block: strides >= kBlock across the block, the rest in registers.
+    for (int stage = 2 * kBlock; stage <= n_pow2; stage <<= 1) {
+      for (int j = stage / 2; j >= kBlock; j /= 2) {
+        for (int q = threadIdx.x; q < n_pow2 / 2; q += kThreads) {
+          const int e = (q & (j - 1)) | ((q & ~(j - 1)) << 1);
+          const uint64_t a = t.keys[swz(e)], c = t.keys[swz(e | j)];
+          if ((a > c) == ((e & stage) == 0)) {
+            t.keys[swz(e)] = c;
+            t.keys[swz(e | j)] = a;
+          }
+        }
+        __syncthreads();
+      }
+      for (int blk = warp; blk * kBlock < n_pow2; blk += kWarps) {
+        const int e0 = blk * kBlock + lane * kRegs;
+        uint64_t v[kRegs];
+#pragma unroll
+        for (int r = 0; r < kRegs; ++r) v[r] = t.keys[swz(e0 + r)];
+        bitonic_steps<kLogBlock - 1>(v, e0, lane, stage);
+#pragma unroll
+        for (int r = 0; r < kRegs; ++r) t.keys[swz(e0 + r)] = v[r];
+      }
+      __syncthreads();
+    }
+    const int kept = min(keep, t.valid[d]);
+    // Nothing of this depth among the best `keep`: nothing deeper either (a child's score is at
+    // most its parent's, and ties go to the shallower), so the tree is complete.
+    if (kept == 0 || (run_count == keep && key_hi(run_in[keep - 1]) <= key_hi(t.keys[0]))) break;
+    // Merge: an entry's place = its index + the entries of the other list ranking before it
+    // (equal scores: the running list's are shallower, so they come first).
+    for (int j = threadIdx.x; j < kept; j += kThreads) {
+      const uint64_t key = t.keys[swz(j)];
+      const uint32_t h = key_hi(key), i = static_cast<uint32_t>(key);
+      t.prev[j] = uint64_t{h} << 32 | i % p.k;
+      const int at = j + count_hi_le(run_in, run_count, h);
+      if (at < keep) {
+        run_out[at] = uint64_t{h} << 32 | static_cast<uint32_t>(d) << 10 | j;
+        run_i_out[at] = static_cast<uint16_t>(i);
+      }
+    }
+    for (int q = threadIdx.x; q < run_count; q += kThreads) {
+      const uint64_t key = run_in[q];
+      const int at = q + count_hi_lt_swz(t.keys, kept, key_hi(key));
+      if (at < keep) {
+        run_out[at] = key;
+        run_i_out[at] = run_i_in[q];
+      }
+    }
+    __syncthreads();
+    uint64_t* const key_out = run_out;
+    run_out = run_in;
+    run_in = key_out;
+    uint16_t* const i_out = run_i_out;
+    run_i_out = run_i_in;
+    run_i_in = i_out;
+    run_count = min(keep, run_count + kept);
+    prev_count = kept;
+    levels = d + 1;
+  }
+  for (int q = threadIdx.x; q < run_count; q += kThreads)
+    atomicAdd(&t.first[static_cast<uint32_t>(run_in[q]) >> 10], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int total = 1;
+    for (int d = 0; d < levels; ++d) {
+      const int m = t.first[d];
+      t.first[d] = total;
+      total += m;
+    }
+    *n_out = total;
+  }
+  __syncthreads();
+  // Node order: depth by depth, rank order within a depth.
+  for (int q = threadIdx.x; q < run_count; q += kThreads) {
+    const uint64_t key = run_in[q];
+    const int d = static_cast<int>(static_cast<uint32_t>(key) >> 10);
+    const int node = t.first[d] + static_cast<int>(key & 1023u);
+    const int i = run_i_in[q];
+    s.score[node] = key_score(key);
+    s.parent[node] = d == 0 ? 0 : t.first[d - 1] + i / p.k;
+    s.depth[node] = d + 1;
+    t.slot[node] = i % p.k;
+  }
+  __syncthreads();
+  for (int node = 1 + threadIdx.x; node < *n_out; node += kThreads) {
+    const int d = s.depth[node] - 1;
+    const int pslot = d == 0 ? 0 : t.slot[s.parent[node]];
+    s.token[node] = p.cand_tokens[candidate_offset(p, b, d, pslot, t.slot[node])];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t b = blockIdx.x;
   const int size = p.size;
-  const int n_cand_max = p.mode == TreeMode::kBackbone ? p.depth * p.k : (size - 1) * p.k;
+  const SmemLayout l = smem_layout(p);
   NodeSmem s;
-  unsigned char* at = smem;
-  s.token = reinterpret_cast<int64_t*>(at);
-  at += sizeof(int64_t) * size;
-  s.score = reinterpret_cast<float*>(at);
-  at += sizeof(float) * size;
-  s.parent = reinterpret_cast<int*>(at);
-  at += sizeof(int) * size;
-  s.depth = reinterpret_cast<int*>(at);
-  at += sizeof(int) * size;
-  int* leaf_index = reinterpret_cast<int*>(at);
-  at += sizeof(int) * size;
-  int* leaf_of = reinterpret_cast<int*>(at);
-  at += sizeof(int) * size;
-  int* counts = reinterpret_cast<int*>(at);  // [depth] per-depth counters, then 4 scalars
-  at += sizeof(int) * (2 * p.depth + 4);
-  float* cand_score = reinterpret_cast<float*>(at);
-  at += sizeof(float) * n_cand_max;
-  s.index = reinterpret_cast<int*>(at);
-  at += sizeof(int) * n_cand_max;
-  int* cand_slot = reinterpret_cast<int*>(at);
-  at += sizeof(int) * n_cand_max;
-  s.flag = reinterpret_cast<uint8_t*>(at);  // n_cand_max, then reused as has_child[size]
+  s.token = reinterpret_cast<int64_t*>(smem + l.token);
+  s.score = reinterpret_cast<float*>(smem + l.score);
+  s.parent = reinterpret_cast<int*>(smem + l.parent);
+  s.depth = reinterpret_cast<int*>(smem + l.depth);
+  s.flag = smem + l.flag;  // the mode's flags, then has_child[size]
+  s.index = reinterpret_cast<int*>(smem + l.index);
+  int* leaf_index = reinterpret_cast<int*>(smem + l.leaf_index);
+  int* leaf_of = reinterpret_cast<int*>(smem + l.leaf_of);
+  int* counts = reinterpret_cast<int*>(smem + l.counts);  // [depth] x 2, then 4 scalars
   int* scalars = counts + 2 * p.depth;
   int* n_nodes = scalars;
 
@@ -185,7 +387,15 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p,
   if (p.mode == TreeMode::kBackbone) {
     backbone_nodes(p, b, s, n_nodes, scalars + 1);
   } else {
-    topk_nodes(p, b, s, n_nodes, g, cand_score, s.index, cand_slot, counts, counts + p.depth);
+    TopkSmem t;
+    t.keys = reinterpret_cast<uint64_t*>(smem + l.keys);
+    t.prev = reinterpret_cast<uint64_t*>(smem + l.prev);
+    t.run_key = reinterpret_cast<uint64_t*>(smem + l.run_key);
+    t.run_i = reinterpret_cast<uint16_t*>(smem + l.run_i);
+    t.valid = counts;
+    t.first = counts + p.depth;
+    t.slot = leaf_index;  // free until the leaves are numbered
+    topk_nodes(p, b, s, n_nodes, t);
   }
   __syncthreads();
   const int n = *n_nodes;
@@ -234,12 +444,6 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p,
   if (threadIdx.x == 0) p.num_nodes[b] = n;
 }
 
-size_t build_tree_smem(const BuildTreeParams& p) {
-  const size_t n_cand_max = p.mode == TreeMode::kBackbone ? size_t(p.depth) * p.k : size_t(p.size - 1) * p.k;
-  const size_t bytes = size_t(p.size) * (8 + 4 * 5) + 4 * (2 * size_t(p.depth) + 4) + n_cand_max * 12 +
-                       (n_cand_max > size_t(p.size) ? n_cand_max : size_t(p.size));
-  return (bytes + 15) / 16 * 16;
-}
 
 // One block per sequence; each thread owns 16-byte pieces of a cache row and moves them along
 // the path. A source (node >= i) never lies below an earlier destination, so reading a batch
@@ -301,29 +505,15 @@ __global__ void compact_kv_kernel(CompactKVParams p) {
 int build_tree_cuda(const BuildTreeParams& p, void* stream) {
   if (p.batch == 0) return 0;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  TopkScratch g{nullptr, nullptr, nullptr};
-  if (p.mode == TreeMode::kTopkExpand && p.size > 1 && p.depth > 0) {
-    const size_t entries = size_t(p.batch) * p.depth * (p.size - 1);
-    void* scratch = nullptr;
-    cudaError_t err = cudaMallocAsync(&scratch, entries * 12, st);
-    if (err != cudaSuccess) return err;
-    g.level_score = static_cast<float*>(scratch);
-    g.level_parent = reinterpret_cast<int*>(g.level_score + entries);
-    g.level_slot = g.level_parent + entries;
-  }
-  const size_t smem = build_tree_smem(p);
+  const size_t smem = smem_layout(p).bytes;
   // Raising the limit is a driver call: only trees past the default 48 KB need it.
   cudaError_t err = smem <= 48 * 1024 ? cudaSuccess
                                       : cudaFuncSetAttribute(build_tree_kernel,
                                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                              static_cast<int>(smem));
   if (err == cudaSuccess) {
-    build_tree_kernel<<<static_cast<unsigned>(p.batch), kThreads, smem, st>>>(p, g);
+    build_tree_kernel<<<static_cast<unsigned>(p.batch), kThreads, smem, st>>>(p);
     err = cudaGetLastError();
-  }
-  if (g.level_score != nullptr) {
-    const cudaError_t free_err = cudaFreeAsync(g.level_score, st);
-    if (err == cudaSuccess) err = free_err;
   }
   return err;
 }
