@@ -11,8 +11,8 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // topk_expand sorts one depth's candidates as uint64 keys; a warp sorts blocks of kBlock keys
 // (kRegs per lane, consecutive) in registers, so only strides >= kBlock need the block's barrier.
-constexpr int kRegs = 8;
-constexpr int kLogBlock = 8;
+constexpr int kRegs = 2;
+constexpr int kLogBlock = 6;
 constexpr int kBlock = 1 << kLogBlock;
 static_assert(kBlock == 32 * kRegs, "a warp's block is its lanes' registers");
 constexpr uint64_t kNoKey = ~0ull;  // invalid candidates and padding: sort last
