@@ -144,6 +144,20 @@ struct Tie {
   float s;  // student logit
 };
 
+// The largest of a 16-byte pack's values (two at a time for 16-bit types).
+template <typename T>
+__device__ __forceinline__ float pack_max(const uint4& raw) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 v = *reinterpret_cast<const float4*>(&raw);
+    return fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w));
+  } else {
+    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+    const T2* v = reinterpret_cast<const T2*>(&raw);
+    const T2 m = __hmax2(__hmax2(v[0], v[1]), __hmax2(v[2], v[3]));
+    return fmaxf(to_float(m.x), to_float(m.y));
+  }
+}
+
 // Sums of one row.
 struct RowSums {
   ExpSum s1;     // s over all classes

@@ -72,20 +72,6 @@ struct alignas(16) Pack {
   T v[kN];
 };
 
-// The largest of a 16-byte pack's values (two at a time for 16-bit types).
-template <typename T>
-__device__ __forceinline__ float pack_max(const uint4& raw) {
-  if constexpr (std::is_same_v<T, float>) {
-    const float4 v = *reinterpret_cast<const float4*>(&raw);
-    return fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w));
-  } else {
-    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-    const T2* v = reinterpret_cast<const T2*>(&raw);
-    const T2 m = __hmax2(__hmax2(v[0], v[1]), __hmax2(v[2], v[3]));
-    return fmaxf(to_float(m.x), to_float(m.y));
-  }
-}
-
 // The part of a row that this block of a cluster-per-row launch owns: row blockIdx.x / cluster
 // size, elements [begin, begin + len) of it.
 struct RowSlice {
@@ -125,24 +111,6 @@ __device__ __forceinline__ void for_each_pair(const T* s, const T* t, int len, b
     scalar_from = nvec * kN;
   }
   for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) visit(i, s[i], t[i]);
-}
-
-// Calls visit(x_i) on every element of one row's slice already in memory, 16 bytes at a time
-// where `vectorized`.
-template <int kThreads, typename T, typename F>
-__device__ __forceinline__ void for_each_value(const T* x, int len, bool vectorized, F&& visit) {
-  constexpr int kN = Pack<T>::kN;
-  int scalar_from = 0;
-  if (vectorized) {
-    const int nvec = len / kN;
-    for (int v = threadIdx.x; v < nvec; v += kThreads) {
-      const Pack<T> a = reinterpret_cast<const Pack<T>*>(x)[v];
-#pragma unroll
-      for (int e = 0; e < kN; ++e) visit(a.v[e]);
-    }
-    scalar_from = nvec * kN;
-  }
-  for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) visit(x[i]);
 }
 
 // The part of a slice that warp `warp` of a kThreads-thread block owns: elements [lo, hi), visited

@@ -22,25 +22,17 @@ namespace cg = cooperative_groups;
 constexpr int kThreads = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// A thread's (then the row's) maxima, the student's argmax and, for every gate but spec, the sums
-// made while loading: sum_s = sum 2^((s - max_s) c) and sum_t likewise (c = log2(e) / T), and acc,
-// the fkl / rkl integrand in raw logit units: sum e_t (t - s) for fkl, sum e_s (s - t) for rkl.
-// An empty set has the maxima -inf and the sums 0.
-struct RowStats {
+struct RowMax {
   float max_s;
   int arg_s;  // lowest index of the student maximum
   float max_t;
-  float sum_s;
-  float sum_t;
-  float acc;
 };
-// The spec gate's sums, relative to the row's maxima: RowStats' sums and acc (here sum e (dt - ds)),
-// and the fixed-point masses.
 struct RowSums {
   float sum_s;
   float sum_t;
-  float acc;
-  unsigned long long zq;  // of the student
+  float acc;  // sum of the unnormalised fkl / rkl integrand
+  int count;  // teacher logits strictly above t[argmax s]
+  unsigned long long zq;  // spec gate: fixed-point masses of the student
   unsigned long long zp;  // and of the teacher
 };
 struct RowMix {
@@ -48,30 +40,16 @@ struct RowMix {
   float g;
 };
 
-// The factor that moves a sum relative to the maximum `from` to one relative to `to` >= from
-// (0 from an empty set's -inf; 1 between equal maxima, infinite ones included).
-__device__ __forceinline__ float move_factor(float from, float to, float c) {
-  return from == to ? 1.0f : fast_exp2(exact_mul(exact_add(from, -to), c));
-}
-
-// The stats of the union of two disjoint sets: the argmax keeps the lower index on ties, and the
-// sums move to the larger maxima (acc with the sum it is weighted like).
-template <Divergence kDiv>
-__device__ __forceinline__ RowStats combine(RowStats a, RowStats b, float c) {
-  RowStats r;
+__device__ __forceinline__ RowMax combine(RowMax a, RowMax b) {
+  RowMax r;
   const bool take_b = b.max_s > a.max_s || (b.max_s == a.max_s && b.arg_s < a.arg_s);
   r.max_s = take_b ? b.max_s : a.max_s;
   r.arg_s = take_b ? b.arg_s : a.arg_s;
   r.max_t = fmaxf(a.max_t, b.max_t);
-  const float fa_s = move_factor(a.max_s, r.max_s, c), fb_s = move_factor(b.max_s, r.max_s, c);
-  const float fa_t = move_factor(a.max_t, r.max_t, c), fb_t = move_factor(b.max_t, r.max_t, c);
-  r.sum_s = a.sum_s * fa_s + b.sum_s * fb_s;
-  r.sum_t = a.sum_t * fa_t + b.sum_t * fb_t;
-  r.acc = kDiv == Divergence::kRKL ? a.acc * fa_s + b.acc * fb_s : a.acc * fa_t + b.acc * fb_t;
   return r;
 }
 __device__ __forceinline__ RowSums combine(RowSums a, RowSums b) {
-  return {a.sum_s + b.sum_s, a.sum_t + b.sum_t, a.acc + b.acc, a.zq + b.zq, a.zp + b.zp};
+  return {a.sum_s + b.sum_s, a.sum_t + b.sum_t, a.acc + b.acc, a.count + b.count, a.zq + b.zq, a.zp + b.zp};
 }
 __device__ __forceinline__ RowMix combine(RowMix a, RowMix b) { return {a.d + b.d, a.g + b.g}; }
 
@@ -176,28 +154,22 @@ __device__ __forceinline__ void write_grad(TG* out, const T* s, const T* t, int 
     out[i] = from_float<TG>(f(to_float(s[i]), to_float(t[i])));
 }
 
-// Reduces `v` with combine_fn over the block, then over the cluster in rank order (so every block
-// of the cluster gets the bit-identical result). `slot` must be a __shared__ variable used for
+// Reduces `v` over the block, then over the cluster in rank order (so every block of the
+// cluster gets the bit-identical result). `slot` must be a __shared__ variable used for
 // this exchange only: later exchanges use other slots, so no second barrier is needed.
-template <typename P, typename F>
-__device__ __forceinline__ P cluster_allreduce(P v, P* slot, P* result, P* warp_scratch, F&& combine_fn) {
+template <typename P>
+__device__ __forceinline__ P cluster_allreduce(P v, P* slot, P* result, P* warp_scratch) {
   cg::cluster_group cluster = cg::this_cluster();
-  v = block_reduce(v, warp_scratch, combine_fn);
+  v = block_reduce(v, warp_scratch, [](P a, P b) { return combine(a, b); });
   if (threadIdx.x == 0) *slot = v;
   cluster.sync();
   if (threadIdx.x == 0) {
     P acc = *cluster.map_shared_rank(slot, 0);
-    for (unsigned r = 1; r < cluster.num_blocks(); ++r) acc = combine_fn(acc, *cluster.map_shared_rank(slot, r));
+    for (unsigned r = 1; r < cluster.num_blocks(); ++r) acc = combine(acc, *cluster.map_shared_rank(slot, r));
     *result = acc;
   }
   __syncthreads();
   return *result;
-}
-
-// cluster_allreduce with the free combine() of P.
-template <typename P>
-__device__ __forceinline__ P cluster_allreduce(P v, P* slot, P* result, P* warp_scratch) {
-  return cluster_allreduce(v, slot, result, warp_scratch, [](P a, P b) { return combine(a, b); });
 }
 
 // T: the logits' dtype; TG: the gradient's (T, or bf16 / fp16 for fp32 logits).
@@ -223,121 +195,70 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 
   extern __shared__ __align__(16) unsigned char slice_smem[];
-  __shared__ RowStats slot_stats, res_stats;
+  __shared__ RowMax slot_max, res_max;
   __shared__ RowSums slot_sums, res_sums;
   __shared__ RowMix slot_mix, res_mix;
-  __shared__ int slot_count, res_count, slot_accept, res_accept;
+  __shared__ int slot_accept, res_accept;
   __shared__ unsigned long long block_start, warp_zq[kThreads / 32];
   __shared__ alignas(16) unsigned char scratch[kThreads / 32 * sizeof(RowSums)];
 
-  // Pass 1: stream the slice in (once): the maxima, the student argmax and, for every gate but
-  // spec, the sums. Each thread's maxima move once per batch of packs, so a class costs two exps
-  // and no branch.
+  // Pass 1: stream the slice in (once), tracking the maxima and the student argmax.
   T* cs = cached ? reinterpret_cast<T*>(slice_smem) : nullptr;
   T* ct = cached ? cs + slice_len : nullptr;
-  const float inv_t = prm.inv_temperature;
-  const float c = mass_scale(0.0f, inv_t).c;  // exp((x - m) / T) = 2^((x - m) c)
-  const bool spec = prm.gate == Gate::kSpec;  // its masses need the row's maxima first
-  RowStats st{-INFINITY, INT_MAX, -INFINITY, 0.0f, 0.0f, 0.0f};
-  auto raise_s = [&](float to) {
-    const float f = move_factor(st.max_s, to, c);
-    st.sum_s *= f;
-    if constexpr (kDiv == Divergence::kRKL) st.acc *= f;
-    st.max_s = to;
-  };
-  auto raise_t = [&](float to) {
-    const float f = move_factor(st.max_t, to, c);
-    st.sum_t *= f;
-    if constexpr (kDiv == Divergence::kFKL) st.acc *= f;
-    st.max_t = to;
-  };
-  // Exps relative to the running maxima, or to 0 while one is -inf (every term so far is 0).
-  auto add_sums = [&](float s, float t) {
-    const float es = fast_exp2(mass_exponent(s, {st.max_s == -INFINITY ? 0.0f : st.max_s, c}));
-    const float et = fast_exp2(mass_exponent(t, {st.max_t == -INFINITY ? 0.0f : st.max_t, c}));
-    st.sum_s += es;
-    st.sum_t += et;
-    if constexpr (kDiv == Divergence::kFKL) st.acc += et * (t - s);
-    if constexpr (kDiv == Divergence::kRKL) st.acc += es * (s - t);
-  };
-  constexpr int kUnroll = 4;
-  auto add_batch = [&](int first, int count, const uint4(&ps)[kUnroll], const uint4(&pt)[kUnroll]) {
-    float batch_s = -INFINITY, batch_t = -INFINITY;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (u < count) {
-        batch_s = fmaxf(batch_s, pack_max<T>(ps[u]));
-        batch_t = fmaxf(batch_t, pack_max<T>(pt[u]));
-      }
+  RowMax local{-INFINITY, INT_MAX, -INFINITY};
+  load_slice_pair<kThreads, 4>(gs, gt, cs, ct, len, cached, global_vec, [&](int i, T s_raw, T t_raw) {
+    const float s = to_float(s_raw);
+    if (s > local.max_s) {  // indices only grow within a thread: strict > keeps the lowest
+      local.max_s = s;
+      local.arg_s = static_cast<int>(begin) + i;
     }
-    if (batch_s > st.max_s) {  // indices only grow within a thread: the batch's first at its maximum
-      int at = -1;
-      for_each_in_batch<kThreads, T>(first, count, ps, pt, [&](int i, T sv, T) {
-        if (at < 0 && to_float(sv) == batch_s) at = i;
-      });
-      st.arg_s = static_cast<int>(begin) + at;
-      raise_s(batch_s);
-    }
-    if (batch_t > st.max_t) raise_t(batch_t);
-    if (!spec) {
-      for_each_in_batch<kThreads, T>(first, count, ps, pt, [&](int, T sv, T tv) { add_sums(to_float(sv), to_float(tv)); });
-    }
-  };
-  auto add_one = [&](int i, T sv, T tv) {
-    const float s = to_float(sv), t = to_float(tv);
-    if (s > st.max_s) {
-      st.arg_s = static_cast<int>(begin) + i;
-      raise_s(s);
-    }
-    if (t > st.max_t) raise_t(t);
-    if (!spec) add_sums(s, t);
-  };
-  load_slice_batches<kThreads, kUnroll>(gs, gt, cs, ct, len, cached, global_vec, add_batch, add_one);
-  const RowStats rst = cluster_allreduce(st, &slot_stats, &res_stats, reinterpret_cast<RowStats*>(scratch),
-                                         [c](RowStats a, RowStats b) { return combine<kDiv>(a, b, c); });
+    local.max_t = fmaxf(local.max_t, to_float(t_raw));
+  });
+  const RowMax rmax = cluster_allreduce(local, &slot_max, &res_max, reinterpret_cast<RowMax*>(scratch));
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;
   const bool vec = cached || global_vec;
+  const float inv_t = prm.inv_temperature;
 
-  const int64_t y = rst.arg_s < V ? rst.arg_s : 0;  // all -inf: torch.argmax's answer, 0
+  // Pass 2: partition functions, the fkl / rkl integrand, the top-k gate's count, and the spec
+  // gate's fixed-point masses (each warp over a contiguous chunk, so proposals can be located).
+  const int64_t y = rmax.arg_s < V ? rmax.arg_s : 0;  // all -inf: torch.argmax's answer, 0
   const float t_at_y = to_float(static_cast<const T*>(prm.teacher)[row * V + y]);
-  const MassScale scale_q = mass_scale(rst.max_s, inv_t), scale_p = mass_scale(rst.max_t, inv_t);
-  // The partition functions and sum e (dt - ds), the integrand relative to the maxima.
-  float sum_s = rst.sum_s, sum_t = rst.sum_t, acc = 0.0f;
-  if constexpr (kDiv == Divergence::kFKL) acc = rst.acc - (rst.max_t - rst.max_s) * sum_t;
-  if constexpr (kDiv == Divergence::kRKL) acc = rst.acc - (rst.max_s - rst.max_t) * sum_s;
-  bool accepted = true;
-  if (prm.gate == Gate::kTopK && t_at_y < rst.max_t) {
-    // The top-k gate: how many teacher logits lie strictly above the one at the student's argmax
-    // (none when it is the teacher's maximum too: the whole cluster skips the count).
-    int above = 0;
-    for_each_value<kThreads>(rt, len, vec, [&](T tv) { above += to_float(tv) > t_at_y; });
-    accepted = cluster_allreduce(above, &slot_count, &res_count, reinterpret_cast<int*>(scratch),
-                                 [](int a, int b) { return a + b; }) < prm.k;
-  } else if (spec) {
-    // Pass 2 (spec gate): the sums again, relative to the row's maxima, with the fixed-point
-    // masses (each warp over a contiguous chunk, so proposals can be located).
-    RowSums sums{0.0f, 0.0f, 0.0f, 0, 0};
+  const MassScale scale_q = mass_scale(rmax.max_s, inv_t), scale_p = mass_scale(rmax.max_t, inv_t);
+  const bool spec = prm.gate == Gate::kSpec;
+  auto pass2 = [&](auto with_masses) {
+    RowSums sums{0.0f, 0.0f, 0.0f, 0, 0, 0};
     for_each_float_pair_by_warp(rs, rt, len, vec, [&](int, float s, float t) {
-      // The masses' exponents and their unscaled differences.
-      const float ds = exact_add(s, -rst.max_s), dt = exact_add(t, -rst.max_t);
+      // The masses' exponents (the spec gate shares them) and their unscaled differences.
+      const float ds = exact_add(s, -rmax.max_s), dt = exact_add(t, -rmax.max_t);
       const float ys = mass_exponent(s, scale_q), yt = mass_exponent(t, scale_p);
       const float es = fast_exp2(ys), et = fast_exp2(yt);
       sums.sum_s += es;
       sums.sum_t += et;
       if constexpr (kDiv == Divergence::kFKL) sums.acc += et * (dt - ds);
       if constexpr (kDiv == Divergence::kRKL) sums.acc += es * (ds - dt);
-      sums.zq += mass_of_exponent(ys);
-      sums.zp += mass_of_exponent(yt);
+      sums.count += t > t_at_y;
+      if constexpr (decltype(with_masses)::value) {
+        sums.zq += mass_of_exponent(ys);
+        sums.zp += mass_of_exponent(yt);
+      }
     });
+    return sums;
+  };
+  const RowSums sums = spec ? pass2(std::true_type{}) : pass2(std::false_type{});
+  if (spec) {
     unsigned long long wq = sums.zq;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) wq += __shfl_xor_sync(0xffffffffu, wq, off);
     if (threadIdx.x % 32 == 0) warp_zq[threadIdx.x / 32] = wq;
-    const RowSums rsum = cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
-    sum_s = rsum.sum_s;
-    sum_t = rsum.sum_t;
-    acc = rsum.acc;
+  }
+  const RowSums rsum = cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
+  const float lse_s = logf(rsum.sum_s), lse_t = logf(rsum.sum_t);
+
+  bool accepted = true;
+  if (prm.gate == Gate::kTopK) {
+    accepted = rsum.count < prm.k;
+  } else if (spec) {
     // Every block's slot holds its totals until the last barrier: the masses before this block.
     if (threadIdx.x == 0) {
       unsigned long long start = 0;
@@ -358,19 +279,18 @@ __global__ void __launch_bounds__(kThreads, 3)
     __syncthreads();
     accepted = res_accept != 0;
   }
-  const float lse_s = logf(sum_s), lse_t = logf(sum_t);
 
   // Pass 3 (jsd / skl / srkl): D and sum_k q_k g_k need normalised p and q.
   float div_d, div_g = 0.0f;
   if constexpr (kDiv == Divergence::kFKL) {
-    div_d = acc * inv_t / sum_t + lse_s - lse_t;
+    div_d = rsum.acc * inv_t / rsum.sum_t + lse_s - lse_t;
   } else if constexpr (kDiv == Divergence::kRKL) {
-    div_d = acc * inv_t / sum_s + lse_t - lse_s;
+    div_d = rsum.acc * inv_t / rsum.sum_s + lse_t - lse_s;
     div_g = div_d;
   } else {
     RowMix mix{0.0f, 0.0f};
     for_each_float_pair(rs, rt, len, vec, [&](int, float s, float t) {
-      const float lq = (s - rst.max_s) * inv_t - lse_s, lp = (t - rst.max_t) * inv_t - lse_t;
+      const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
       const float q = fast_exp2(lq * kLog2e), p = fast_exp2(lp * kLog2e);
       const DivergenceTerms<float> term = mixture_terms<float>(kDiv, prm.mix, lp, lq, p, q);
       mix.d += term.d;
@@ -397,10 +317,10 @@ __global__ void __launch_bounds__(kThreads, 3)
       const float lse_s2 = lse_s * kLog2e, lse_t2 = lse_t * kLog2e;
       write_grad(grad, rs, rt, len, vec && global_vec, [&](float s, float t) {
         if constexpr (kDiv == Divergence::kFKL) {
-          return coef * (fast_exp2(fmaf(s - rst.max_s, scale_q.c, -lse_s2)) -
-                         fast_exp2(fmaf(t - rst.max_t, scale_p.c, -lse_t2)));
+          return coef * (fast_exp2(fmaf(s - rmax.max_s, scale_q.c, -lse_s2)) -
+                         fast_exp2(fmaf(t - rmax.max_t, scale_p.c, -lse_t2)));
         } else {
-          const float lq = (s - rst.max_s) * inv_t - lse_s, lp = (t - rst.max_t) * inv_t - lse_t;
+          const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
           const float q = fast_exp2(lq * kLog2e), p = fast_exp2(lp * kLog2e);
           if constexpr (kDiv == Divergence::kRKL) {
             return coef * q * (lq - lp - div_g);
