@@ -1,6 +1,7 @@
 // CUDA draft-tree construction (one block per sequence) and KV compaction. No torch headers.
 #include <cuda_runtime.h>
 
+#include "specx/topk_threshold.h"  // ordered_key32, key_to_bits32
 #include "specx/tree.h"
 #include "specx/tree_kernel.cuh"
 
@@ -114,20 +115,14 @@ __device__ void backbone_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, 
   }
 }
 
-// A score as the high half of a sort key: ascending keys are descending scores, and equal scores
-// (ranks_before's ==, so -0.0 and +0.0 too) are equal bits. Exactly invertible otherwise.
-__device__ __forceinline__ uint32_t score_key(float score) {
-  uint32_t u = __float_as_uint(score);
-  if (u == 0x80000000u) u = 0;
-  return (u & 0x80000000u) ? u : (~u & 0x7fffffffu);
-}
+// A score as the high half of a sort key: the complement of its order-preserving key
+// (topk_threshold.h), so ascending keys are descending scores and equal scores (ranks_before's ==,
+// so -0.0 and +0.0 too) are equal bits. Exactly invertible otherwise.
+__device__ __forceinline__ uint32_t score_key(float score) { return ~ordered_key32(__float_as_uint(score)); }
 
 __device__ __forceinline__ uint32_t key_hi(uint64_t key) { return static_cast<uint32_t>(key >> 32); }
 
-__device__ __forceinline__ float key_score(uint64_t key) {
-  const uint32_t h = key_hi(key);
-  return __uint_as_float((h & 0x80000000u) ? h : (~h & 0x7fffffffu));
-}
+__device__ __forceinline__ float key_score(uint64_t key) { return __uint_as_float(key_to_bits32(~key_hi(key))); }
 
 // Bank-conflict-free placement of the sort keys: a lane's kRegs consecutive keys and a warp's
 // consecutive keys both spread over all banks (a permutation within each aligned group of 8).
