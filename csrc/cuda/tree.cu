@@ -17,6 +17,9 @@ constexpr int kLogBlock = 6;
 constexpr int kBlock = 1 << kLogBlock;
 static_assert(kBlock == 32 * kRegs, "a warp's block is its lanes' registers");
 constexpr uint64_t kNoKey = ~0ull;  // invalid candidates and padding: sort last
+// Sequences with at most this many candidates read their score steps into shared memory first:
+// one memory round trip for the tree instead of one per depth.
+constexpr int kMaxPreloadSteps = 4096;
 
 __host__ __device__ inline int next_pow2(int n) {
   int m = 1;
@@ -26,11 +29,18 @@ __host__ __device__ inline int next_pow2(int n) {
 
 // Dynamic shared memory: the nodes, then the mode's own arrays. The launcher sizes it and the
 // kernel places its arrays with the same offsets.
+constexpr size_t kNoSteps = ~size_t{0};
+
+__host__ __device__ inline int64_t candidates_per_sequence(const BuildTreeParams& p) {
+  return int64_t{p.depth} * p.k * (p.per_parent ? p.k : 1);
+}
+
 struct SmemLayout {
   size_t token, score, parent, depth, leaf_index, leaf_of, counts;
   size_t flag;                        // backbone: candidate flags; both: has_child[size]
   size_t index;                       // backbone
   size_t keys, prev, run_key, run_i;  // topk_expand
+  size_t steps;                       // topk_expand, when the candidates fit (else kNoSteps)
   size_t bytes;
 };
 
@@ -50,7 +60,7 @@ __host__ __device__ inline SmemLayout smem_layout(const BuildTreeParams& p) {
   l.depth = take(4 * size, 4);
   l.leaf_index = take(4 * size, 4);
   l.leaf_of = take(4 * size, 4);
-  l.counts = take(4 * (2 * size_t(p.depth) + 4), 4);  // two per-depth arrays, then 4 scalars
+  l.counts = take(4 * (3 * size_t(p.depth) + 4), 4);  // three per-depth arrays, then 4 scalars
   if (p.mode == TreeMode::kBackbone) {
     const size_t n_cand = size_t(p.depth) * p.k;
     l.index = take(4 * n_cand, 16);
@@ -62,6 +72,8 @@ __host__ __device__ inline SmemLayout smem_layout(const BuildTreeParams& p) {
     l.prev = take(8 * keep, 8);
     l.run_key = take(8 * 2 * keep, 8);
     l.run_i = take(2 * 2 * keep, 2);
+    const int64_t cands = candidates_per_sequence(p);
+    l.steps = cands <= kMaxPreloadSteps ? take(4 * size_t(cands), 4) : kNoSteps;
     l.flag = region;  // has_child is written once the sort arrays are dead
     if (at < region + size) at = region + size;
   }
@@ -162,6 +174,35 @@ __device__ __forceinline__ void bitonic_steps(uint64_t (&v)[kRegs], int e0, int 
   if constexpr (LJ > 0) bitonic_steps<LJ - 1>(v, e0, lane, stage);
 }
 
+// Sorts keys[swz(0 .. n_pow2 - 1)] ascending, n_pow2 >= kBlock a power of two: each warp's blocks
+// in registers, then strides >= kBlock across the thread block.
+__device__ void bitonic_sort(uint64_t* keys, int n_pow2) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int stage = kBlock; stage <= n_pow2; stage <<= 1) {
+    for (int j = stage / 2; j >= kBlock; j /= 2) {
+      for (int q = threadIdx.x; q < n_pow2 / 2; q += kThreads) {
+        const int e = (q & (j - 1)) | ((q & ~(j - 1)) << 1);
+        const uint64_t a = keys[swz(e)], c = keys[swz(e | j)];
+        if ((a > c) == ((e & stage) == 0)) {
+          keys[swz(e)] = c;
+          keys[swz(e | j)] = a;
+        }
+      }
+      __syncthreads();
+    }
+    for (int blk = warp; blk * kBlock < n_pow2; blk += kWarps) {
+      const int e0 = blk * kBlock + lane * kRegs;
+      uint64_t v[kRegs];
+#pragma unroll
+      for (int r = 0; r < kRegs; ++r) v[r] = keys[swz(e0 + r)];
+      for (int s = stage == kBlock ? 2 : stage; s <= stage; s <<= 1) bitonic_steps<kLogBlock - 1>(v, e0, lane, s);
+#pragma unroll
+      for (int r = 0; r < kRegs; ++r) keys[swz(e0 + r)] = v[r];
+    }
+    __syncthreads();
+  }
+}
+
 // Number of the first n keys (ascending) whose score key is <= h.
 __device__ __forceinline__ int count_hi_le(const uint64_t* a, int n, uint32_t h) {
   int lo = 0;
@@ -192,26 +233,42 @@ __device__ __forceinline__ int count_hi_lt_swz(const uint64_t* a, int n, uint32_
   return lo;
 }
 
+// A candidate's score step, or -inf for an invalid candidate.
+__device__ __forceinline__ float candidate_step(const BuildTreeParams& p, int64_t off) {
+  const float log_prob = p.cand_log_probs[off];
+  return candidate_valid(p.cand_tokens[off], log_prob) ? score_step(log_prob) : -INFINITY;
+}
+
 // Ascending keys are ranks_before's order: score key, then candidate index = parent rank * k + slot
 // (< 8192 = kMaxTopkCandidatesCuda). Ranks are < 1024 (kMaxTreeSizeCuda); depth < 2^22 (far above
 // what the per-depth shared arrays allow).
 struct TopkSmem {
-  uint64_t* keys;     // one depth's candidates, sorted: (score key << 32) | candidate index
-  uint64_t* prev;     // the previous depth's kept list: (score key << 32) | slot
+  uint64_t* keys;     // one depth's contenders, unordered, then sorted if many: (score key << 32) | candidate index
+  uint64_t* prev;     // the previous depth's selected list: (score key << 32) | slot
   uint64_t* run_key;  // [2][keep] best `keep` entries so far: (score key << 32) | depth << 10 | rank
   uint16_t* run_i;    // [2][keep] their candidate index
-  int* valid;         // [depth] valid candidates per depth
+  float* steps;       // the sequence's candidate_step values, or null: read from global memory
+  int* contenders;    // [depth] keys of each depth that could enter the running best
+  int* entered;       // [depth] those that did
   int* first;         // [depth] selected per depth, then the first node of each depth
   int* slot;          // [size] a node's candidate slot
 };
 
-// topk_expand, depth by depth: sort the children of the kept nodes (rank = ranks_before's order,
-// invalid ones last), keep the best `keep`, and merge them into the running best `keep` over all
-// depths. Each depth's selection is a prefix of its list, its parents are selected before it.
+// topk_expand, depth by depth: rank the children of the selected nodes (ranks_before's order) and
+// merge the best `keep` of them into the running best `keep` over all depths. Only children that
+// outrank the running best's last entry (once it is full) contend, and only the entries that enter
+// it have their children expanded: the rest score no higher and rank after every entry that can
+// still enter, so the tree and every selected entry's rank are those of expanding each depth's
+// best `keep`.
 __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int* n_out, TopkSmem t) {
   const int keep = p.size - 1;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int i = threadIdx.x; i < 2 * p.depth; i += kThreads) t.valid[i] = 0;  // valid, first
+  const int64_t seq = candidate_offset(p, b, 0, 0, 0);
+  if (t.steps) {
+    const int cands = static_cast<int>(candidates_per_sequence(p));
+    for (int i = threadIdx.x; i < cands; i += kThreads) t.steps[i] = candidate_step(p, seq + i);
+  }
+  for (int i = threadIdx.x; i < 3 * p.depth; i += kThreads) t.contenders[i] = 0;  // contenders, entered, first
   __syncthreads();
   uint64_t* run_in = t.run_key;
   uint64_t* run_out = t.run_key + keep;
@@ -222,105 +279,89 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
   int levels = 0;
   for (int d = 0; d < p.depth && keep > 0 && p.k > 0; ++d) {
     const int n = prev_count * p.k;
-    const int n_pow2 = next_pow2(n);
-    // Keys of this depth, each warp block sorted in registers (alternating directions past kBlock).
-    int valid = 0;
-    for (int blk = warp; blk * kBlock < n_pow2; blk += kWarps) {
-      const int e0 = blk * kBlock + lane * kRegs;
-      // Addresses first, then all loads at once: one memory round trip, not one per key.
-      int pi = e0 / p.k, c = e0 - pi * p.k;
-      float pscore[kRegs];
-      int64_t off[kRegs];
-#pragma unroll
-      for (int r = 0; r < kRegs; ++r) {
-        const uint64_t pk = d > 0 && e0 + r < n ? t.prev[pi] : 0;  // the root: score 0, slot 0
-        pscore[r] = d > 0 ? key_score(pk) : 0.0f;
-        off[r] = candidate_offset(p, b, d, static_cast<int>(static_cast<uint32_t>(pk)), c);
-        if (++c == p.k) {
-          c = 0;
-          ++pi;
-        }
+    // Contenders: valid, and ahead of the running best's last entry once it is full (an equal
+    // score loses: the running best's entries are shallower).
+    const uint32_t bar = run_count == keep ? key_hi(run_in[keep - 1]) : ~0u;
+    for (int e0 = warp * 32; e0 < n; e0 += kThreads) {
+      const int e = e0 + lane;
+      const int pi = e / p.k, c = e - pi * p.k;
+      uint64_t key = kNoKey;
+      if (e < n) {
+        const uint64_t pk = d > 0 ? t.prev[pi] : 0;  // the root: score 0, slot 0
+        const int64_t off = candidate_offset(p, 0, d, static_cast<int>(static_cast<uint32_t>(pk)), c);
+        const float step = t.steps ? t.steps[off] : candidate_step(p, seq + off);
+        if (step > -INFINITY) key = uint64_t{score_key((d > 0 ? key_score(pk) : 0.0f) + step)} << 32 | static_cast<uint32_t>(e);
       }
-      float lp[kRegs];
-      int64_t tok[kRegs];
-#pragma unroll
-      for (int r = 0; r < kRegs; ++r) {
-        lp[r] = e0 + r < n ? p.cand_log_probs[off[r]] : -INFINITY;
-        tok[r] = e0 + r < n ? p.cand_tokens[off[r]] : -1;
-      }
-      uint64_t v[kRegs];
-#pragma unroll
-      for (int r = 0; r < kRegs; ++r) {
-        const bool ok = candidate_valid(tok[r], lp[r]);  // false past n
-        v[r] = ok ? uint64_t{score_key(pscore[r] + score_step(lp[r]))} << 32 | static_cast<uint32_t>(e0 + r) : kNoKey;
-        valid += ok;
-      }
-      for (int stage = 2; stage <= n_pow2 && stage <= kBlock; stage <<= 1)
-        bitonic_steps<kLogBlock - 1>(v, e0, lane, stage);
-#pragma unroll
-      for (int r = 0; r < kRegs; ++r)
-        if (e0 + r < n_pow2) t.keys[swz(e0 + r)] = v[r];
+      const bool contends = key_hi(key) < bar;  // invalid keys never: their score key is ~0u
+      const unsigned mask = __ballot_sync(0xffffffffu, contends);
+      int base = 0;
+      if (lane == 0 && mask) base = atomicAdd(&t.contenders[d], __popc(mask));
+      base = __shfl_sync(0xffffffffu, base, 0);
+      if (contends) t.keys[swz(base + __popc(mask & ((1u << lane) - 1u)))] = key;
     }
-    valid = __reduce_add_sync(0xffffffffu, valid);
-    if (lane == 0 && valid > 0) atomicAdd(&t.valid[d], valid);
     __syncthreads();
-    // Stages past a warp's block: strides >= kBlock across the block, the rest in registers.
-    for (int stage = 2 * kBlock; stage <= n_pow2; stage <<= 1) {
-      for (int j = stage / 2; j >= kBlock; j /= 2) {
-        for (int q = threadIdx.x; q < n_pow2 / 2; q += kThreads) {
-          const int e = (q & (j - 1)) | ((q & ~(j - 1)) << 1);
-          const uint64_t a = t.keys[swz(e)], c = t.keys[swz(e | j)];
-          if ((a > c) == ((e & stage) == 0)) {
-            t.keys[swz(e)] = c;
-            t.keys[swz(e | j)] = a;
-          }
-        }
-        __syncthreads();
+    const int m = t.contenders[d];
+    // An entry of this depth (its rank among the contenders) enters the running best at its rank
+    // plus the running entries ranking before it; a running entry moves down by the contenders
+    // ranking before it.
+    int entered = 0;
+    const auto enter = [&](uint64_t key, int rank) {
+      const uint32_t h = key_hi(key), i = static_cast<uint32_t>(key);
+      const int at = rank + count_hi_le(run_in, run_count, h);
+      if (at >= keep) return;
+      t.prev[rank] = uint64_t{h} << 32 | i % p.k;
+      run_out[at] = uint64_t{h} << 32 | static_cast<uint32_t>(d) << 10 | rank;
+      run_i_out[at] = static_cast<uint16_t>(i);
+      ++entered;
+    };
+    const auto stay = [&](int q, int behind) {
+      if (q + behind >= keep) return;
+      run_out[q + behind] = run_in[q];
+      run_i_out[q + behind] = run_i_in[q];
+    };
+    const int items = max(m, run_count);  // a contender and/or a running entry each
+    if (items <= kThreads) {
+      // Few: each item counts the contenders before it, g lanes to an item, with no sort.
+      int g = 1;
+      while (g < 32 && items * g * 2 <= kThreads) g *= 2;
+      const int item = threadIdx.x / g, part = threadIdx.x % g;
+      const uint64_t key = item < m ? t.keys[swz(item)] : kNoKey;
+      const uint32_t run_h = item < run_count ? key_hi(run_in[item]) : 0u;
+      int before = 0, behind = 0;
+      for (int j = part; j < m; j += g) {
+        const uint64_t o = t.keys[swz(j)];
+        before += o < key;
+        behind += key_hi(o) < run_h;
       }
-      for (int blk = warp; blk * kBlock < n_pow2; blk += kWarps) {
-        const int e0 = blk * kBlock + lane * kRegs;
-        uint64_t v[kRegs];
-#pragma unroll
-        for (int r = 0; r < kRegs; ++r) v[r] = t.keys[swz(e0 + r)];
-        bitonic_steps<kLogBlock - 1>(v, e0, lane, stage);
-#pragma unroll
-        for (int r = 0; r < kRegs; ++r) t.keys[swz(e0 + r)] = v[r];
+      for (int o = 1; o < g; o *= 2) {
+        before += __shfl_xor_sync(0xffffffffu, before, o);
+        behind += __shfl_xor_sync(0xffffffffu, behind, o);
       }
+      if (part == 0 && item < m && before < keep) enter(key, before);
+      if (part == 0 && item < run_count) stay(item, behind);
+    } else {
+      const int n_pow2 = max(kBlock, next_pow2(m));  // the key buffer holds this many (m or keep > kThreads)
+      for (int j = m + threadIdx.x; j < n_pow2; j += kThreads) t.keys[swz(j)] = kNoKey;
       __syncthreads();
+      bitonic_sort(t.keys, n_pow2);
+      const int kept = min(keep, m);
+      for (int j = threadIdx.x; j < kept; j += kThreads) enter(t.keys[swz(j)], j);
+      for (int q = threadIdx.x; q < run_count; q += kThreads) stay(q, count_hi_lt_swz(t.keys, kept, key_hi(run_in[q])));
     }
-    const int kept = min(keep, t.valid[d]);
+    entered = __reduce_add_sync(0xffffffffu, entered);
+    if (lane == 0 && entered > 0) atomicAdd(&t.entered[d], entered);
+    __syncthreads();
     // Nothing of this depth among the best `keep`: nothing deeper either (a child's score is at
     // most its parent's, and ties go to the shallower), so the tree is complete.
-    if (kept == 0 || (run_count == keep && key_hi(run_in[keep - 1]) <= key_hi(t.keys[0]))) break;
-    // Merge: an entry's place = its index + the entries of the other list ranking before it
-    // (equal scores: the running list's are shallower, so they come first).
-    for (int j = threadIdx.x; j < kept; j += kThreads) {
-      const uint64_t key = t.keys[swz(j)];
-      const uint32_t h = key_hi(key), i = static_cast<uint32_t>(key);
-      t.prev[j] = uint64_t{h} << 32 | i % p.k;
-      const int at = j + count_hi_le(run_in, run_count, h);
-      if (at < keep) {
-        run_out[at] = uint64_t{h} << 32 | static_cast<uint32_t>(d) << 10 | j;
-        run_i_out[at] = static_cast<uint16_t>(i);
-      }
-    }
-    for (int q = threadIdx.x; q < run_count; q += kThreads) {
-      const uint64_t key = run_in[q];
-      const int at = q + count_hi_lt_swz(t.keys, kept, key_hi(key));
-      if (at < keep) {
-        run_out[at] = key;
-        run_i_out[at] = run_i_in[q];
-      }
-    }
-    __syncthreads();
+    if (t.entered[d] == 0) break;
     uint64_t* const key_out = run_out;
     run_out = run_in;
     run_in = key_out;
     uint16_t* const i_out = run_i_out;
     run_i_out = run_i_in;
     run_i_in = i_out;
-    run_count = min(keep, run_count + kept);
-    prev_count = kept;
+    prev_count = t.entered[d];
+    run_count = min(keep, run_count + prev_count);
     levels = d + 1;
   }
   for (int q = threadIdx.x; q < run_count; q += kThreads)
@@ -369,8 +410,8 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p)
   s.index = reinterpret_cast<int*>(smem + l.index);
   int* leaf_index = reinterpret_cast<int*>(smem + l.leaf_index);
   int* leaf_of = reinterpret_cast<int*>(smem + l.leaf_of);
-  int* counts = reinterpret_cast<int*>(smem + l.counts);  // [depth] x 2, then 4 scalars
-  int* scalars = counts + 2 * p.depth;
+  int* counts = reinterpret_cast<int*>(smem + l.counts);  // [depth] x 3, then 4 scalars
+  int* scalars = counts + 3 * p.depth;
   int* n_nodes = scalars;
 
   if (threadIdx.x == 0) {
@@ -387,8 +428,10 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p)
     t.prev = reinterpret_cast<uint64_t*>(smem + l.prev);
     t.run_key = reinterpret_cast<uint64_t*>(smem + l.run_key);
     t.run_i = reinterpret_cast<uint16_t*>(smem + l.run_i);
-    t.valid = counts;
-    t.first = counts + p.depth;
+    t.steps = l.steps == kNoSteps ? nullptr : reinterpret_cast<float*>(smem + l.steps);
+    t.contenders = counts;
+    t.entered = counts + p.depth;
+    t.first = counts + 2 * p.depth;
     t.slot = leaf_index;  // free until the leaves are numbered
     topk_nodes(p, b, s, n_nodes, t);
   }
