@@ -17,9 +17,14 @@ constexpr int kLogBlock = 6;
 constexpr int kBlock = 1 << kLogBlock;
 static_assert(kBlock == 32 * kRegs, "a warp's block is its lanes' registers");
 constexpr uint64_t kNoKey = ~0ull;  // invalid candidates and padding: sort last
-// Sequences with at most this many candidates read their score steps into shared memory first:
-// one memory round trip for the tree instead of one per depth.
-constexpr int kMaxPreloadSteps = 4096;
+// Sequences with at most this many candidates read them into shared memory first: one memory
+// round trip for the tree instead of one per depth and one for the tokens.
+constexpr int kMaxPreloadCandidates = 4096;
+// Candidates a lane keys per step of a depth's loop (their loads overlap).
+constexpr int kKeysPerLane = 2;
+// Up to this many items (contenders or running entries) count their ranks, with no sort. The
+// counts cost items^2 / kThreads steps per thread: past 128 the sort is faster (H200).
+constexpr int kMaxCountedItems = 128;
 
 __host__ __device__ inline int next_pow2(int n) {
   int m = 1;
@@ -29,7 +34,7 @@ __host__ __device__ inline int next_pow2(int n) {
 
 // Dynamic shared memory: the nodes, then the mode's own arrays. The launcher sizes it and the
 // kernel places its arrays with the same offsets.
-constexpr size_t kNoSteps = ~size_t{0};
+constexpr size_t kNotPreloaded = ~size_t{0};
 
 __host__ __device__ inline int64_t candidates_per_sequence(const BuildTreeParams& p) {
   return int64_t{p.depth} * p.k * (p.per_parent ? p.k : 1);
@@ -40,7 +45,7 @@ struct SmemLayout {
   size_t flag;                        // backbone: candidate flags; both: has_child[size]
   size_t index;                       // backbone
   size_t keys, prev, run_key, run_i;  // topk_expand
-  size_t steps;                       // topk_expand, when the candidates fit (else kNoSteps)
+  size_t steps, cand_tokens;          // topk_expand, when the candidates fit (else kNotPreloaded)
   size_t bytes;
 };
 
@@ -73,7 +78,9 @@ __host__ __device__ inline SmemLayout smem_layout(const BuildTreeParams& p) {
     l.run_key = take(8 * 2 * keep, 8);
     l.run_i = take(2 * 2 * keep, 2);
     const int64_t cands = candidates_per_sequence(p);
-    l.steps = cands <= kMaxPreloadSteps ? take(4 * size_t(cands), 4) : kNoSteps;
+    const bool preload = cands <= kMaxPreloadCandidates;
+    l.cand_tokens = preload ? take(8 * size_t(cands), 8) : kNotPreloaded;
+    l.steps = preload ? take(4 * size_t(cands), 4) : kNotPreloaded;
     l.flag = region;  // has_child is written once the sort arrays are dead
     if (at < region + size) at = region + size;
   }
@@ -234,9 +241,8 @@ __device__ __forceinline__ int count_hi_lt_swz(const uint64_t* a, int n, uint32_
 }
 
 // A candidate's score step, or -inf for an invalid candidate.
-__device__ __forceinline__ float candidate_step(const BuildTreeParams& p, int64_t off) {
-  const float log_prob = p.cand_log_probs[off];
-  return candidate_valid(p.cand_tokens[off], log_prob) ? score_step(log_prob) : -INFINITY;
+__device__ __forceinline__ float candidate_step(int64_t token, float log_prob) {
+  return candidate_valid(token, log_prob) ? score_step(log_prob) : -INFINITY;
 }
 
 // Ascending keys are ranks_before's order: score key, then candidate index = parent rank * k + slot
@@ -247,7 +253,8 @@ struct TopkSmem {
   uint64_t* prev;     // the previous depth's selected list: (score key << 32) | slot
   uint64_t* run_key;  // [2][keep] best `keep` entries so far: (score key << 32) | depth << 10 | rank
   uint16_t* run_i;    // [2][keep] their candidate index
-  float* steps;       // the sequence's candidate_step values, or null: read from global memory
+  float* steps;         // the sequence's candidate_step values, or null: read from global memory
+  int64_t* cand_tokens;  // the sequence's candidate tokens (with steps)
   int* contenders;    // [depth] keys of each depth that could enter the running best
   int* entered;       // [depth] those that did
   int* first;         // [depth] selected per depth, then the first node of each depth
@@ -266,7 +273,11 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
   const int64_t seq = candidate_offset(p, b, 0, 0, 0);
   if (t.steps) {
     const int cands = static_cast<int>(candidates_per_sequence(p));
-    for (int i = threadIdx.x; i < cands; i += kThreads) t.steps[i] = candidate_step(p, seq + i);
+    for (int i = threadIdx.x; i < cands; i += kThreads) {
+      const int64_t token = p.cand_tokens[seq + i];
+      t.cand_tokens[i] = token;
+      t.steps[i] = candidate_step(token, p.cand_log_probs[seq + i]);
+    }
   }
   for (int i = threadIdx.x; i < 3 * p.depth; i += kThreads) t.contenders[i] = 0;  // contenders, entered, first
   __syncthreads();
@@ -282,22 +293,35 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
     // Contenders: valid, and ahead of the running best's last entry once it is full (an equal
     // score loses: the running best's entries are shallower).
     const uint32_t bar = run_count == keep ? key_hi(run_in[keep - 1]) : ~0u;
-    for (int e0 = warp * 32; e0 < n; e0 += kThreads) {
-      const int e = e0 + lane;
-      const int pi = e / p.k, c = e - pi * p.k;
-      uint64_t key = kNoKey;
-      if (e < n) {
-        const uint64_t pk = d > 0 ? t.prev[pi] : 0;  // the root: score 0, slot 0
-        const int64_t off = candidate_offset(p, 0, d, static_cast<int>(static_cast<uint32_t>(pk)), c);
-        const float step = t.steps ? t.steps[off] : candidate_step(p, seq + off);
-        if (step > -INFINITY) key = uint64_t{score_key((d > 0 ? key_score(pk) : 0.0f) + step)} << 32 | static_cast<uint32_t>(e);
+    for (int e0 = warp * 32; e0 < n; e0 += kKeysPerLane * kThreads) {
+      uint64_t key[kKeysPerLane];
+#pragma unroll
+      for (int r = 0; r < kKeysPerLane; ++r) {
+        const int e = e0 + r * kThreads + lane;
+        const int pi = e / p.k, c = e - pi * p.k;
+        key[r] = kNoKey;
+        if (e < n) {
+          const uint64_t pk = d > 0 ? t.prev[pi] : 0;  // the root: score 0, slot 0
+          const int64_t off = candidate_offset(p, 0, d, static_cast<int>(static_cast<uint32_t>(pk)), c);
+          const float step = t.steps ? t.steps[off] : candidate_step(p.cand_tokens[seq + off], p.cand_log_probs[seq + off]);
+          if (step > -INFINITY) key[r] = uint64_t{score_key((d > 0 ? key_score(pk) : 0.0f) + step)} << 32 | static_cast<uint32_t>(e);
+        }
       }
-      const bool contends = key_hi(key) < bar;  // invalid keys never: their score key is ~0u
-      const unsigned mask = __ballot_sync(0xffffffffu, contends);
+      unsigned mask[kKeysPerLane];
+      int count = 0;
+#pragma unroll
+      for (int r = 0; r < kKeysPerLane; ++r) {
+        mask[r] = __ballot_sync(0xffffffffu, key_hi(key[r]) < bar);  // invalid keys never: their score key is ~0u
+        count += __popc(mask[r]);
+      }
       int base = 0;
-      if (lane == 0 && mask) base = atomicAdd(&t.contenders[d], __popc(mask));
+      if (lane == 0 && count > 0) base = atomicAdd(&t.contenders[d], count);
       base = __shfl_sync(0xffffffffu, base, 0);
-      if (contends) t.keys[swz(base + __popc(mask & ((1u << lane) - 1u)))] = key;
+#pragma unroll
+      for (int r = 0; r < kKeysPerLane; ++r) {
+        if (mask[r] >> lane & 1u) t.keys[swz(base + __popc(mask[r] & ((1u << lane) - 1u)))] = key[r];
+        base += __popc(mask[r]);
+      }
     }
     __syncthreads();
     const int m = t.contenders[d];
@@ -320,7 +344,7 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
       run_i_out[q + behind] = run_i_in[q];
     };
     const int items = max(m, run_count);  // a contender and/or a running entry each
-    if (items <= kThreads) {
+    if (items <= kMaxCountedItems) {
       // Few: each item counts the contenders before it, g lanes to an item, with no sort.
       int g = 1;
       while (g < 32 && items * g * 2 <= kThreads) g *= 2;
@@ -392,7 +416,8 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
   for (int node = 1 + threadIdx.x; node < *n_out; node += kThreads) {
     const int d = s.depth[node] - 1;
     const int pslot = d == 0 ? 0 : t.slot[s.parent[node]];
-    s.token[node] = p.cand_tokens[candidate_offset(p, b, d, pslot, t.slot[node])];
+    const int64_t off = candidate_offset(p, 0, d, pslot, t.slot[node]);
+    s.token[node] = t.cand_tokens ? t.cand_tokens[off] : p.cand_tokens[seq + off];
   }
 }
 
@@ -428,7 +453,8 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p)
     t.prev = reinterpret_cast<uint64_t*>(smem + l.prev);
     t.run_key = reinterpret_cast<uint64_t*>(smem + l.run_key);
     t.run_i = reinterpret_cast<uint16_t*>(smem + l.run_i);
-    t.steps = l.steps == kNoSteps ? nullptr : reinterpret_cast<float*>(smem + l.steps);
+    t.steps = l.steps == kNotPreloaded ? nullptr : reinterpret_cast<float*>(smem + l.steps);
+    t.cand_tokens = l.steps == kNotPreloaded ? nullptr : reinterpret_cast<int64_t*>(smem + l.cand_tokens);
     t.contenders = counts;
     t.entered = counts + p.depth;
     t.first = counts + 2 * p.depth;
