@@ -25,6 +25,8 @@ constexpr int kKeysPerLane = 2;
 // Up to this many items (contenders or running entries) count their ranks, with no sort. The
 // counts cost items^2 / kThreads steps per thread: past 128 the sort is faster (H200).
 constexpr int kMaxCountedItems = 128;
+// Contenders sampled to tighten the bar when there are more than kMaxCountedItems of them.
+constexpr int kPivots = 32;
 
 __host__ __device__ inline int next_pow2(int n) {
   int m = 1;
@@ -65,7 +67,7 @@ __host__ __device__ inline SmemLayout smem_layout(const BuildTreeParams& p) {
   l.depth = take(4 * size, 4);
   l.leaf_index = take(4 * size, 4);
   l.leaf_of = take(4 * size, 4);
-  l.counts = take(4 * (3 * size_t(p.depth) + 4), 4);  // three per-depth arrays, then 4 scalars
+  l.counts = take(4 * (5 * size_t(p.depth) + 4), 4);  // five per-depth arrays, then 4 scalars
   if (p.mode == TreeMode::kBackbone) {
     const size_t n_cand = size_t(p.depth) * p.k;
     l.index = take(4 * n_cand, 16);
@@ -240,6 +242,27 @@ __device__ __forceinline__ int count_hi_lt_swz(const uint64_t* a, int n, uint32_
   return lo;
 }
 
+// Appends this lane's keys whose score key is below `bar` to keys[swz(*count ...)], in any order.
+__device__ __forceinline__ void append_below(const uint64_t (&key)[kKeysPerLane], uint32_t bar, int* count,
+                                             uint64_t* keys) {
+  const int lane = threadIdx.x % 32;
+  unsigned mask[kKeysPerLane];
+  int total = 0;
+#pragma unroll
+  for (int r = 0; r < kKeysPerLane; ++r) {
+    mask[r] = __ballot_sync(0xffffffffu, key_hi(key[r]) < bar);
+    total += __popc(mask[r]);
+  }
+  int base = 0;
+  if (lane == 0 && total > 0) base = atomicAdd(count, total);
+  base = __shfl_sync(0xffffffffu, base, 0);
+#pragma unroll
+  for (int r = 0; r < kKeysPerLane; ++r) {
+    if (mask[r] >> lane & 1u) keys[swz(base + __popc(mask[r] & ((1u << lane) - 1u)))] = key[r];
+    base += __popc(mask[r]);
+  }
+}
+
 // A candidate's score step, or -inf for an invalid candidate.
 __device__ __forceinline__ float candidate_step(int64_t token, float log_prob) {
   return candidate_valid(token, log_prob) ? score_step(log_prob) : -INFINITY;
@@ -257,6 +280,8 @@ struct TopkSmem {
   int64_t* cand_tokens;  // the sequence's candidate tokens (with steps)
   int* contenders;    // [depth] keys of each depth that could enter the running best
   int* entered;       // [depth] those that did
+  unsigned* tight;    // [depth] complement of the tightened bar (0: none)
+  int* retained;      // [depth] contenders under the tightened bar
   int* first;         // [depth] selected per depth, then the first node of each depth
   int* slot;          // [size] a node's candidate slot
 };
@@ -279,7 +304,7 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
       t.steps[i] = candidate_step(token, p.cand_log_probs[seq + i]);
     }
   }
-  for (int i = threadIdx.x; i < 3 * p.depth; i += kThreads) t.contenders[i] = 0;  // contenders, entered, first
+  for (int i = threadIdx.x; i < 5 * p.depth; i += kThreads) t.contenders[i] = 0;  // the per-depth arrays
   __syncthreads();
   uint64_t* run_in = t.run_key;
   uint64_t* run_out = t.run_key + keep;
@@ -307,24 +332,32 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
           if (step > -INFINITY) key[r] = uint64_t{score_key((d > 0 ? key_score(pk) : 0.0f) + step)} << 32 | static_cast<uint32_t>(e);
         }
       }
-      unsigned mask[kKeysPerLane];
-      int count = 0;
-#pragma unroll
-      for (int r = 0; r < kKeysPerLane; ++r) {
-        mask[r] = __ballot_sync(0xffffffffu, key_hi(key[r]) < bar);  // invalid keys never: their score key is ~0u
-        count += __popc(mask[r]);
-      }
-      int base = 0;
-      if (lane == 0 && count > 0) base = atomicAdd(&t.contenders[d], count);
-      base = __shfl_sync(0xffffffffu, base, 0);
-#pragma unroll
-      for (int r = 0; r < kKeysPerLane; ++r) {
-        if (mask[r] >> lane & 1u) t.keys[swz(base + __popc(mask[r] & ((1u << lane) - 1u)))] = key[r];
-        base += __popc(mask[r]);
-      }
+      append_below(key, bar, &t.contenders[d], t.keys);  // invalid keys never: their score key is ~0u
     }
     __syncthreads();
-    const int m = t.contenders[d];
+    int m = t.contenders[d];
+    // Many contenders: tighten the bar with sampled pivots. A pivot that `keep` entries surely
+    // precede (contenders scoring higher, running entries scoring at least as high) ranks before
+    // no entry that can enter, and neither does any contender scoring no higher than it.
+    if (m > kMaxCountedItems && m <= kKeysPerLane * kThreads) {
+      const int g = kThreads / kPivots, part = threadIdx.x % g;
+      const uint32_t pivot = key_hi(t.keys[swz(threadIdx.x / g * m / kPivots)]);
+      int ahead = 0;
+      for (int j = part; j < m; j += g) ahead += key_hi(t.keys[swz(j)]) < pivot;
+      for (int q = part; q < run_count; q += g) ahead += key_hi(run_in[q]) <= pivot;
+      for (int o = 1; o < g; o *= 2) ahead += __shfl_xor_sync(0xffffffffu, ahead, o);
+      if (part == 0 && ahead >= keep) atomicMax(&t.tight[d], ~pivot);  // the best such pivot
+      uint64_t key[kKeysPerLane];
+#pragma unroll
+      for (int r = 0; r < kKeysPerLane; ++r) {
+        const int j = threadIdx.x + r * kThreads;
+        key[r] = j < m ? t.keys[swz(j)] : kNoKey;
+      }
+      __syncthreads();  // every key read before any moves
+      append_below(key, ~t.tight[d], &t.retained[d], t.keys);
+      __syncthreads();
+      m = t.retained[d];
+    }
     // An entry of this depth (its rank among the contenders) enters the running best at its rank
     // plus the running entries ranking before it; a running entry moves down by the contenders
     // ranking before it.
@@ -435,8 +468,8 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p)
   s.index = reinterpret_cast<int*>(smem + l.index);
   int* leaf_index = reinterpret_cast<int*>(smem + l.leaf_index);
   int* leaf_of = reinterpret_cast<int*>(smem + l.leaf_of);
-  int* counts = reinterpret_cast<int*>(smem + l.counts);  // [depth] x 3, then 4 scalars
-  int* scalars = counts + 3 * p.depth;
+  int* counts = reinterpret_cast<int*>(smem + l.counts);  // [depth] x 5, then 4 scalars
+  int* scalars = counts + 5 * p.depth;
   int* n_nodes = scalars;
 
   if (threadIdx.x == 0) {
@@ -458,6 +491,8 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p)
     t.contenders = counts;
     t.entered = counts + p.depth;
     t.first = counts + 2 * p.depth;
+    t.tight = reinterpret_cast<unsigned*>(counts + 3 * p.depth);
+    t.retained = counts + 4 * p.depth;
     t.slot = leaf_index;  // free until the leaves are numbered
     topk_nodes(p, b, s, n_nodes, t);
   }
