@@ -10,8 +10,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// topk_expand sorts one depth's candidates as uint64 keys; a warp sorts blocks of kBlock keys
-// (kRegs per lane, consecutive) in registers, so only strides >= kBlock need the block's barrier.
+// topk_expand ranks a depth's contenders as uint64 keys. When they are many it sorts them: a warp
+// sorts blocks of kBlock keys (kRegs per lane, consecutive) in registers, so only strides >= kBlock
+// need the block's barrier.
 constexpr int kRegs = 2;
 constexpr int kLogBlock = 6;
 constexpr int kBlock = 1 << kLogBlock;
@@ -34,14 +35,14 @@ __host__ __device__ inline int next_pow2(int n) {
   return m;
 }
 
-// Dynamic shared memory: the nodes, then the mode's own arrays. The launcher sizes it and the
-// kernel places its arrays with the same offsets.
-constexpr size_t kNotPreloaded = ~size_t{0};
-
 __host__ __device__ inline int64_t candidates_per_sequence(const BuildTreeParams& p) {
   return int64_t{p.depth} * p.k * (p.per_parent ? p.k : 1);
 }
 
+constexpr size_t kNotPreloaded = ~size_t{0};
+
+// Dynamic shared memory: the nodes, then the mode's own arrays. The launcher sizes it and the
+// kernel places its arrays with the same offsets.
 struct SmemLayout {
   size_t token, score, parent, depth, leaf_index, leaf_of, counts;
   size_t flag;                        // backbone: candidate flags; both: has_child[size]
@@ -272,18 +273,18 @@ __device__ __forceinline__ float candidate_step(int64_t token, float log_prob) {
 // (< 8192 = kMaxTopkCandidatesCuda). Ranks are < 1024 (kMaxTreeSizeCuda); depth < 2^22 (far above
 // what the per-depth shared arrays allow).
 struct TopkSmem {
-  uint64_t* keys;     // one depth's contenders, unordered, then sorted if many: (score key << 32) | candidate index
-  uint64_t* prev;     // the previous depth's selected list: (score key << 32) | slot
-  uint64_t* run_key;  // [2][keep] best `keep` entries so far: (score key << 32) | depth << 10 | rank
-  uint16_t* run_i;    // [2][keep] their candidate index
-  float* steps;         // the sequence's candidate_step values, or null: read from global memory
+  uint64_t* keys;        // a depth's contenders, any order (sorted if many): (score key << 32) | candidate index
+  uint64_t* prev;        // the previous depth's selected list: (score key << 32) | slot
+  uint64_t* run_key;     // [2][keep] best `keep` entries so far: (score key << 32) | depth << 10 | rank
+  uint16_t* run_i;       // [2][keep] their candidate index
+  float* steps;          // the sequence's candidate_step values, or null: read from global memory
   int64_t* cand_tokens;  // the sequence's candidate tokens (with steps)
-  int* contenders;    // [depth] keys of each depth that could enter the running best
-  int* entered;       // [depth] those that did
-  unsigned* tight;    // [depth] complement of the tightened bar (0: none)
-  int* retained;      // [depth] contenders under the tightened bar
-  int* first;         // [depth] selected per depth, then the first node of each depth
-  int* slot;          // [size] a node's candidate slot
+  int* contenders;       // [depth] keys of each depth that could enter the running best
+  int* entered;          // [depth] those that did
+  unsigned* tight;       // [depth] complement of the tightened bar (0: none)
+  int* retained;         // [depth] contenders under the tightened bar
+  int* first;            // [depth] selected per depth, then the first node of each depth
+  int* slot;             // [size] a node's candidate slot
 };
 
 // topk_expand, depth by depth: rank the children of the selected nodes (ranks_before's order) and
@@ -328,8 +329,10 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
         if (e < n) {
           const uint64_t pk = d > 0 ? t.prev[pi] : 0;  // the root: score 0, slot 0
           const int64_t off = candidate_offset(p, 0, d, static_cast<int>(static_cast<uint32_t>(pk)), c);
-          const float step = t.steps ? t.steps[off] : candidate_step(p.cand_tokens[seq + off], p.cand_log_probs[seq + off]);
-          if (step > -INFINITY) key[r] = uint64_t{score_key((d > 0 ? key_score(pk) : 0.0f) + step)} << 32 | static_cast<uint32_t>(e);
+          const float step =
+              t.steps ? t.steps[off] : candidate_step(p.cand_tokens[seq + off], p.cand_log_probs[seq + off]);
+          if (step > -INFINITY)
+            key[r] = uint64_t{score_key((d > 0 ? key_score(pk) : 0.0f) + step)} << 32 | static_cast<uint32_t>(e);
         }
       }
       append_below(key, bar, &t.contenders[d], t.keys);  // invalid keys never: their score key is ~0u
@@ -397,7 +400,7 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
       if (part == 0 && item < m && before < keep) enter(key, before);
       if (part == 0 && item < run_count) stay(item, behind);
     } else {
-      const int n_pow2 = max(kBlock, next_pow2(m));  // the key buffer holds this many (m or keep > kThreads)
+      const int n_pow2 = max(kBlock, next_pow2(m));  // the key buffer holds this many (m or keep > kMaxCountedItems)
       for (int j = m + threadIdx.x; j < n_pow2; j += kThreads) t.keys[swz(j)] = kNoKey;
       __syncthreads();
       bitonic_sort(t.keys, n_pow2);
