@@ -40,6 +40,8 @@ __host__ __device__ inline int64_t candidates_per_sequence(const BuildTreeParams
 }
 
 constexpr size_t kNotPreloaded = ~size_t{0};
+// topk_expand's per-depth int arrays (TopkSmem: contenders, entered, first, tight, retained).
+constexpr int kDepthArrays = 5;
 
 // Dynamic shared memory: the nodes, then the mode's own arrays. The launcher sizes it and the
 // kernel places its arrays with the same offsets.
@@ -68,7 +70,7 @@ __host__ __device__ inline SmemLayout smem_layout(const BuildTreeParams& p) {
   l.depth = take(4 * size, 4);
   l.leaf_index = take(4 * size, 4);
   l.leaf_of = take(4 * size, 4);
-  l.counts = take(4 * (5 * size_t(p.depth) + 4), 4);  // five per-depth arrays, then 4 scalars
+  l.counts = take(4 * (kDepthArrays * size_t(p.depth) + 4), 4);  // the per-depth arrays, then 4 scalars
   if (p.mode == TreeMode::kBackbone) {
     const size_t n_cand = size_t(p.depth) * p.k;
     l.index = take(4 * n_cand, 16);
@@ -213,12 +215,13 @@ __device__ void bitonic_sort(uint64_t* keys, int n_pow2) {
   }
 }
 
-// Number of the first n keys (ascending) whose score key is <= h.
-__device__ __forceinline__ int count_hi_le(const uint64_t* a, int n, uint32_t h) {
+// Length of the prefix of 0 .. n - 1 where in_prefix(i) holds (it holds for a prefix): a binary search.
+template <typename InPrefix>
+__device__ __forceinline__ int prefix_length(int n, InPrefix in_prefix) {
   int lo = 0;
   while (n > 0) {
     const int half = n / 2;
-    if (key_hi(a[lo + half]) <= h) {
+    if (in_prefix(lo + half)) {
       lo += half + 1;
       n -= half + 1;
     } else {
@@ -228,19 +231,10 @@ __device__ __forceinline__ int count_hi_le(const uint64_t* a, int n, uint32_t h)
   return lo;
 }
 
-// Number of the first n sort keys (placed by swz) whose score key is < h.
-__device__ __forceinline__ int count_hi_lt_swz(const uint64_t* a, int n, uint32_t h) {
-  int lo = 0;
-  while (n > 0) {
-    const int half = n / 2;
-    if (key_hi(a[swz(lo + half)]) < h) {
-      lo += half + 1;
-      n -= half + 1;
-    } else {
-      n = half;
-    }
-  }
-  return lo;
+// Sum of v over each aligned group of g lanes (g a power of two <= 32), in every lane of the group.
+__device__ __forceinline__ int group_sum(int v, int g) {
+  for (int o = 1; o < g; o *= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
 }
 
 // Appends this lane's keys whose score key is below `bar` to keys[swz(*count ...)], in any order.
@@ -305,7 +299,7 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
       t.steps[i] = candidate_step(token, p.cand_log_probs[seq + i]);
     }
   }
-  for (int i = threadIdx.x; i < 5 * p.depth; i += kThreads) t.contenders[i] = 0;  // the per-depth arrays
+  for (int i = threadIdx.x; i < kDepthArrays * p.depth; i += kThreads) t.contenders[i] = 0;  // all of them
   __syncthreads();
   uint64_t* run_in = t.run_key;
   uint64_t* run_out = t.run_key + keep;
@@ -348,7 +342,7 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
       int ahead = 0;
       for (int j = part; j < m; j += g) ahead += key_hi(t.keys[swz(j)]) < pivot;
       for (int q = part; q < run_count; q += g) ahead += key_hi(run_in[q]) <= pivot;
-      for (int o = 1; o < g; o *= 2) ahead += __shfl_xor_sync(0xffffffffu, ahead, o);
+      ahead = group_sum(ahead, g);
       if (part == 0 && ahead >= keep) atomicMax(&t.tight[d], ~pivot);  // the best such pivot
       uint64_t key[kKeysPerLane];
 #pragma unroll
@@ -367,7 +361,7 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
     int entered = 0;
     const auto enter = [&](uint64_t key, int rank) {
       const uint32_t h = key_hi(key), i = static_cast<uint32_t>(key);
-      const int at = rank + count_hi_le(run_in, run_count, h);
+      const int at = rank + prefix_length(run_count, [&](int q) { return key_hi(run_in[q]) <= h; });
       if (at >= keep) return;
       t.prev[rank] = uint64_t{h} << 32 | i % p.k;
       run_out[at] = uint64_t{h} << 32 | static_cast<uint32_t>(d) << 10 | rank;
@@ -393,10 +387,8 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
         before += o < key;
         behind += key_hi(o) < run_h;
       }
-      for (int o = 1; o < g; o *= 2) {
-        before += __shfl_xor_sync(0xffffffffu, before, o);
-        behind += __shfl_xor_sync(0xffffffffu, behind, o);
-      }
+      before = group_sum(before, g);
+      behind = group_sum(behind, g);
       if (part == 0 && item < m && before < keep) enter(key, before);
       if (part == 0 && item < run_count) stay(item, behind);
     } else {
@@ -406,7 +398,10 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
       bitonic_sort(t.keys, n_pow2);
       const int kept = min(keep, m);
       for (int j = threadIdx.x; j < kept; j += kThreads) enter(t.keys[swz(j)], j);
-      for (int q = threadIdx.x; q < run_count; q += kThreads) stay(q, count_hi_lt_swz(t.keys, kept, key_hi(run_in[q])));
+      for (int q = threadIdx.x; q < run_count; q += kThreads) {
+        const uint32_t h = key_hi(run_in[q]);
+        stay(q, prefix_length(kept, [&](int j) { return key_hi(t.keys[swz(j)]) < h; }));
+      }
     }
     entered = __reduce_add_sync(0xffffffffu, entered);
     if (lane == 0 && entered > 0) atomicAdd(&t.entered[d], entered);
@@ -471,8 +466,8 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p)
   s.index = reinterpret_cast<int*>(smem + l.index);
   int* leaf_index = reinterpret_cast<int*>(smem + l.leaf_index);
   int* leaf_of = reinterpret_cast<int*>(smem + l.leaf_of);
-  int* counts = reinterpret_cast<int*>(smem + l.counts);  // [depth] x 5, then 4 scalars
-  int* scalars = counts + 5 * p.depth;
+  int* counts = reinterpret_cast<int*>(smem + l.counts);  // [depth] x kDepthArrays, then 4 scalars
+  int* scalars = counts + kDepthArrays * p.depth;
   int* n_nodes = scalars;
 
   if (threadIdx.x == 0) {
@@ -490,7 +485,7 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p)
     t.run_key = reinterpret_cast<uint64_t*>(smem + l.run_key);
     t.run_i = reinterpret_cast<uint16_t*>(smem + l.run_i);
     t.steps = l.steps == kNotPreloaded ? nullptr : reinterpret_cast<float*>(smem + l.steps);
-    t.cand_tokens = l.steps == kNotPreloaded ? nullptr : reinterpret_cast<int64_t*>(smem + l.cand_tokens);
+    t.cand_tokens = l.cand_tokens == kNotPreloaded ? nullptr : reinterpret_cast<int64_t*>(smem + l.cand_tokens);
     t.contenders = counts;
     t.entered = counts + p.depth;
     t.first = counts + 2 * p.depth;
