@@ -10,29 +10,38 @@ namespace specx {
 
 constexpr int kCachedDevices = 64;
 
+// read(device) for the current device, cached per device in `cache` (0 until read; read > 0).
+template <typename Read>
+int cached_for_device(std::atomic<int> (&cache)[kCachedDevices], Read read) {
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device >= kCachedDevices) return read(device);
+  int value = cache[device].load(std::memory_order_relaxed);
+  if (value > 0) return value;
+  value = read(device);
+  cache[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
 // The current device's multiprocessor count.
 inline int sm_count() {
-  static std::atomic<int> cached[kCachedDevices];  // 0 until read
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  if (device < kCachedDevices && (sms = cached[device].load(std::memory_order_relaxed)) > 0) return sms;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (device < kCachedDevices) cached[device].store(sms, std::memory_order_relaxed);
-  return sms;
+  static std::atomic<int> cache[kCachedDevices];
+  return cached_for_device(cache, [](int device) {
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    return sms;
+  });
 }
 
 // The current device's compute capability as 10 * major + minor.
 inline int compute_capability() {
-  static std::atomic<int> cached[kCachedDevices];
-  int device = 0, cc = 0;
-  cudaGetDevice(&device);
-  if (device < kCachedDevices && (cc = cached[device].load(std::memory_order_relaxed)) > 0) return cc;
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  cc = 10 * major + minor;
-  if (device < kCachedDevices) cached[device].store(cc, std::memory_order_relaxed);
-  return cc;
+  static std::atomic<int> cache[kCachedDevices];
+  return cached_for_device(cache, [](int device) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    return 10 * major + minor;
+  });
 }
 
 // cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize, bytes) once per device for a kernel
