@@ -8,7 +8,7 @@
 namespace specx {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 // topk_expand ranks a depth's contenders as uint64 keys. When they are many it sorts them: a warp
 // sorts blocks of kBlock keys (kRegs per lane, consecutive) in registers, so only strides >= kBlock
