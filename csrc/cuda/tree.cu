@@ -39,6 +39,13 @@ __host__ __device__ inline int64_t candidates_per_sequence(const BuildTreeParams
   return int64_t{p.depth} * p.k * (p.per_parent ? p.k : 1);
 }
 
+// Depths with per-depth arrays. topk_expand fills at most budget - 1 depths (an entry enters with
+// all its ancestors in the running best) and looks at one more; backbone needs none.
+__host__ __device__ inline int tracked_depths(const BuildTreeParams& p) {
+  if (p.mode != TreeMode::kTopkExpand) return 0;
+  return p.size < p.depth ? p.size : p.depth;
+}
+
 constexpr size_t kNotPreloaded = ~size_t{0};
 // topk_expand's per-depth int arrays (TopkSmem: contenders, entered, first, tight, retained).
 constexpr int kDepthArrays = 5;
@@ -70,7 +77,7 @@ __host__ __device__ inline SmemLayout smem_layout(const BuildTreeParams& p) {
   l.depth = take(4 * size, 4);
   l.leaf_index = take(4 * size, 4);
   l.leaf_of = take(4 * size, 4);
-  l.counts = take(4 * (kDepthArrays * size_t(p.depth) + 4), 4);  // the per-depth arrays, then 4 scalars
+  l.counts = take(4 * (kDepthArrays * size_t(tracked_depths(p)) + 4), 4);  // the per-depth arrays, then 4 scalars
   if (p.mode == TreeMode::kBackbone) {
     const size_t n_cand = size_t(p.depth) * p.k;
     l.index = take(4 * n_cand, 16);
@@ -299,7 +306,8 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
       t.steps[i] = candidate_step(token, p.cand_log_probs[seq + i]);
     }
   }
-  for (int i = threadIdx.x; i < kDepthArrays * p.depth; i += kThreads) t.contenders[i] = 0;  // all of them
+  const int depths = tracked_depths(p);
+  for (int i = threadIdx.x; i < kDepthArrays * depths; i += kThreads) t.contenders[i] = 0;  // the per-depth arrays
   __syncthreads();
   uint64_t* run_in = t.run_key;
   uint64_t* run_out = t.run_key + keep;
@@ -308,7 +316,7 @@ __device__ void topk_nodes(const BuildTreeParams& p, int64_t b, NodeSmem s, int*
   int prev_count = 1;  // the root
   int run_count = 0;
   int levels = 0;
-  for (int d = 0; d < p.depth && keep > 0 && p.k > 0; ++d) {
+  for (int d = 0; d < depths && keep > 0 && p.k > 0; ++d) {
     const int n = prev_count * p.k;
     // Contenders: valid, and ahead of the running best's last entry once it is full (an equal
     // score loses: the running best's entries are shallower).
@@ -466,8 +474,9 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p)
   s.index = reinterpret_cast<int*>(smem + l.index);
   int* leaf_index = reinterpret_cast<int*>(smem + l.leaf_index);
   int* leaf_of = reinterpret_cast<int*>(smem + l.leaf_of);
-  int* counts = reinterpret_cast<int*>(smem + l.counts);  // [depth] x kDepthArrays, then 4 scalars
-  int* scalars = counts + kDepthArrays * p.depth;
+  int* counts = reinterpret_cast<int*>(smem + l.counts);  // [tracked depths] x kDepthArrays, then 4 scalars
+  const int depths = tracked_depths(p);
+  int* scalars = counts + kDepthArrays * depths;
   int* n_nodes = scalars;
 
   if (threadIdx.x == 0) {
@@ -487,10 +496,10 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeParams p)
     t.steps = l.steps == kNotPreloaded ? nullptr : reinterpret_cast<float*>(smem + l.steps);
     t.cand_tokens = l.cand_tokens == kNotPreloaded ? nullptr : reinterpret_cast<int64_t*>(smem + l.cand_tokens);
     t.contenders = counts;
-    t.entered = counts + p.depth;
-    t.first = counts + 2 * p.depth;
-    t.tight = reinterpret_cast<unsigned*>(counts + 3 * p.depth);
-    t.retained = counts + 4 * p.depth;
+    t.entered = counts + depths;
+    t.first = counts + 2 * depths;
+    t.tight = reinterpret_cast<unsigned*>(counts + 3 * depths);
+    t.retained = counts + 4 * depths;
     t.slot = leaf_index;  // free until the leaves are numbered
     topk_nodes(p, b, s, n_nodes, t);
   }
