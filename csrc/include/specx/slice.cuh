@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <climits>
+#include <cmath>
 #include <type_traits>
 
 #include "specx/common.h"
@@ -72,6 +74,57 @@ struct alignas(16) Pack {
   T v[kN];
 };
 
+// The float values of a 16-byte pack. A bf16 is the top half of its float, so each 32-bit word
+// splits with one shift and one mask (element by element takes a third instruction per pair).
+template <typename T>
+__device__ __forceinline__ void pack_to_floats(const uint4& raw, float (&f)[Pack<T>::kN]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      f[2 * j] = __uint_as_float(w[j] << 16);
+      f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+  } else {
+    const Pack<T> p = *reinterpret_cast<const Pack<T>*>(&raw);
+#pragma unroll
+    for (int e = 0; e < Pack<T>::kN; ++e) f[e] = to_float(p.v[e]);
+  }
+}
+
+// Running maximum over 16-byte packs: fp16 / bf16 two elements per instruction on the raw 32-bit
+// words, fp32 one at a time. NaN is skipped, as fmaxf does.
+template <typename T>
+struct PackMax {
+  static constexpr bool kPaired = !std::is_same_v<T, float>;
+  // -inf in both halves, or as a float.
+  uint32_t m = kPaired ? (std::is_same_v<T, __half> ? 0xfc00fc00u : 0xff80ff80u) : 0xff800000u;
+
+  __device__ __forceinline__ void add(const uint4& pack) {
+    const uint32_t w[4] = {pack.x, pack.y, pack.z, pack.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        asm("max.bf16x2 %0, %0, %1;" : "+r"(m) : "r"(w[j]));
+      } else if constexpr (std::is_same_v<T, __half>) {
+        asm("max.f16x2 %0, %0, %1;" : "+r"(m) : "r"(w[j]));
+      } else {
+        m = __float_as_uint(fmaxf(__uint_as_float(m), __uint_as_float(w[j])));
+      }
+    }
+  }
+  __device__ __forceinline__ float value() const {
+    if constexpr (!kPaired) {
+      return __uint_as_float(m);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return fmaxf(__uint_as_float(m << 16), __uint_as_float(m & 0xffff0000u));
+    } else {
+      return fmaxf(__half2float(__ushort_as_half(static_cast<unsigned short>(m))),
+                   __half2float(__ushort_as_half(static_cast<unsigned short>(m >> 16))));
+    }
+  }
+};
+
 // The part of a row that this block of a cluster-per-row launch owns: row blockIdx.x / cluster
 // size, elements [begin, begin + len) of it.
 struct RowSlice {
@@ -94,23 +147,49 @@ __device__ __forceinline__ RowSlice this_row_slice(int64_t row_len, int slice_le
   return r;
 }
 
-// Calls visit(local index, s, t) on every element of a slice already in memory (shared or
-// global), 16 bytes at a time where `vectorized`.
-template <int kThreads, typename T, typename F>
-__device__ __forceinline__ void for_each_pair(const T* s, const T* t, int len, bool vectorized, F&& visit) {
+// Calls visit_pack(pack index, s pack, t pack) (raw 16 bytes each) on every whole 16-byte pack of a slice already in
+// memory (shared or global) where `vectorized`, and visit(local index, s, t) on the other elements.
+template <int kThreads, typename T, typename FPack, typename F>
+__device__ __forceinline__ void for_each_pack_pair(const T* s, const T* t, int len, bool vectorized,
+                                                   FPack&& visit_pack, F&& visit) {
   constexpr int kN = Pack<T>::kN;
   int scalar_from = 0;
   if (vectorized) {
     const int nvec = len / kN;
-    for (int v = threadIdx.x; v < nvec; v += kThreads) {
-      const Pack<T> a = reinterpret_cast<const Pack<T>*>(s)[v];
-      const Pack<T> b = reinterpret_cast<const Pack<T>*>(t)[v];
-#pragma unroll
-      for (int e = 0; e < kN; ++e) visit(v * kN + e, a.v[e], b.v[e]);
-    }
+    for (int v = threadIdx.x; v < nvec; v += kThreads)
+      visit_pack(v, reinterpret_cast<const uint4*>(s)[v], reinterpret_cast<const uint4*>(t)[v]);
     scalar_from = nvec * kN;
   }
   for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) visit(i, s[i], t[i]);
+}
+
+// Calls visit(local index, s, t) on every element of a slice already in memory (shared or
+// global), 16 bytes at a time where `vectorized`.
+template <int kThreads, typename T, typename F>
+__device__ __forceinline__ void for_each_pair(const T* s, const T* t, int len, bool vectorized, F&& visit) {
+  for_each_pack_pair<kThreads>(
+      s, t, len, vectorized,
+      [&](int v, const uint4& raw_a, const uint4& raw_b) {
+        const Pack<T> a = *reinterpret_cast<const Pack<T>*>(&raw_a), b = *reinterpret_cast<const Pack<T>*>(&raw_b);
+#pragma unroll
+        for (int e = 0; e < Pack<T>::kN; ++e) visit(v * Pack<T>::kN + e, a.v[e], b.v[e]);
+      },
+      visit);
+}
+
+// for_each_pair with the values handed over as floats.
+template <int kThreads, typename T, typename F>
+__device__ __forceinline__ void for_each_float_pair(const T* s, const T* t, int len, bool vectorized, F&& visit) {
+  for_each_pack_pair<kThreads>(
+      s, t, len, vectorized,
+      [&](int v, const uint4& a, const uint4& b) {
+        float fa[Pack<T>::kN], fb[Pack<T>::kN];
+        pack_to_floats<T>(a, fa);
+        pack_to_floats<T>(b, fb);
+#pragma unroll
+        for (int e = 0; e < Pack<T>::kN; ++e) visit(v * Pack<T>::kN + e, fa[e], fb[e]);
+      },
+      [&](int i, T a, T b) { visit(i, to_float(a), to_float(b)); });
 }
 
 // The part of a slice that warp `warp` of a kThreads-thread block owns: elements [lo, hi), visited
@@ -204,6 +283,75 @@ __device__ __forceinline__ void load_slice_batches(const T* gs, const T* gt, T* 
     }
     visit(i, s, t);
   }
+}
+
+// Copies a block's slice of two rows into shared memory with bulk copies (the TMA engine) for the
+// whole 16-byte packs, and element by element past the last pack; every thread returns once all of
+// it has arrived. The whole slice is in flight at once, which a per-thread loader cannot afford in
+// registers. gs and gt must be 16-byte aligned; `arrived` is a __shared__ word for the barrier.
+template <int kThreads, typename T>
+__device__ __forceinline__ void bulk_load_slice_pair(const T* gs, const T* gt, T* cs, T* ct, int len,
+                                                     uint64_t* arrived) {
+  constexpr int kN = Pack<T>::kN;
+  constexpr uint32_t kChunkBytes = 8192;  // per copy, spread over the lanes of warp 0
+  const int nvec = len / kN;
+  const uint32_t bytes = static_cast<uint32_t>(nvec) * 16u;
+  const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(arrived));
+  if (threadIdx.x == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    if (threadIdx.x == 0)
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(2 * bytes) : "memory");
+    __syncwarp();
+    const uint32_t chunks = (bytes + kChunkBytes - 1) / kChunkBytes;
+    for (uint32_t c = threadIdx.x; c < 2 * chunks; c += 32) {
+      const bool teacher = c >= chunks;
+      const uint32_t offset = (teacher ? c - chunks : c) * kChunkBytes;
+      const uint32_t size = min(kChunkBytes, bytes - offset);
+      const char* src = reinterpret_cast<const char*>(teacher ? gt : gs) + offset;
+      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(teacher ? ct : cs)) + offset;
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   ::"r"(dst), "l"(src), "r"(size), "r"(bar)
+                   : "memory");
+    }
+  }
+  for (int i = nvec * kN + threadIdx.x; i < len; i += kThreads) {
+    cs[i] = gs[i];
+    ct[i] = gt[i];
+  }
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
+      "@!done bra wait;\n"
+      "}\n" ::"r"(bar)
+      : "memory");
+}
+
+// The lowest local index among this thread's elements of a load_slice_batches pass (the same
+// packs, then the same tail) whose value equals v, or INT_MAX.
+template <int kThreads, typename T>
+__device__ __forceinline__ int first_index_of(const T* s, int len, bool vectorized, float v) {
+  constexpr int kN = Pack<T>::kN;
+  int scalar_from = 0;
+  if (vectorized) {
+    const int nvec = len / kN;
+    for (int p = threadIdx.x; p < nvec; p += kThreads) {
+      float f[kN];
+      pack_to_floats<T>(reinterpret_cast<const uint4*>(s)[p], f);
+#pragma unroll
+      for (int e = 0; e < kN; ++e)
+        if (f[e] == v) return p * kN + e;
+    }
+    scalar_from = nvec * kN;
+  }
+  for (int i = scalar_from + threadIdx.x; i < len; i += kThreads)
+    if (to_float(s[i]) == v) return i;
+  return INT_MAX;
 }
 
 // Calls visit(local index, s, t) on every element of a batch from load_slice_batches.

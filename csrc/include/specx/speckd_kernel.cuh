@@ -21,6 +21,7 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 struct RowMax {
   float max_s;
@@ -53,10 +54,29 @@ __device__ __forceinline__ RowSums combine(RowSums a, RowSums b) {
 }
 __device__ __forceinline__ RowMix combine(RowMix a, RowMix b) { return {a.d + b.d, a.g + b.g}; }
 
-// for_each_pair with the values converted to float.
-template <typename T, typename F>
-__device__ __forceinline__ void for_each_float_pair(const T* s, const T* t, int len, bool vec, F&& f) {
-  for_each_pair<kThreads>(s, t, len, vec, [&](int i, T a, T b) { f(i, to_float(a), to_float(b)); });
+// Outside the spec gate, a row's base-2 exponents are x * c - k in one multiply-add, with
+// k = vmax * c rounded and err = vmax * c - k exactly: sums of 2^(x c - k) carry the factor 2^err,
+// which the log-sums take back out.
+struct ExpOffset {
+  float k;
+  float err;
+};
+__device__ __forceinline__ ExpOffset exp_offset(float vmax, float c) {
+  const float k = __fmul_rn(vmax, c);
+  return {k, fmaf(vmax, c, -k)};
+}
+
+// 2^(x c - n_hi - n_lo) = scale * 2^(x c - k) with k = n_hi + n_lo rounded, so each element costs
+// one multiply-add and one exp while the rounding of k is kept in the row constant `scale`.
+struct ExpNorm {
+  float k;
+  float scale;
+};
+__device__ __forceinline__ ExpNorm exp_norm(float n_hi, float n_lo, float scale) {
+  const float k = __fadd_rn(n_hi, n_lo);
+  const float hi_part = __fsub_rn(k, n_lo);  // two-sum: err = n_hi + n_lo - k exactly
+  const float err = __fadd_rn(__fsub_rn(n_hi, hi_part), __fsub_rn(n_lo, __fsub_rn(k, hi_part)));
+  return {k, scale * exp2f(-err)};
 }
 
 // for_each_pair_by_warp with the values converted to float.
@@ -141,17 +161,30 @@ __device__ __forceinline__ void write_grad(TG* out, const T* s, const T* t, int 
   if (vec) {
     const int nvec = len / kN;
     for (int v = threadIdx.x; v < nvec; v += kThreads) {
-      const Pack<T> a = reinterpret_cast<const Pack<T>*>(s)[v];
-      const Pack<T> b = reinterpret_cast<const Pack<T>*>(t)[v];
+      float a[kN], b[kN];
+      pack_to_floats<T>(reinterpret_cast<const uint4*>(s)[v], a);
+      pack_to_floats<T>(reinterpret_cast<const uint4*>(t)[v], b);
       OutPack o;
 #pragma unroll
-      for (int e = 0; e < kN; ++e) o.v[e] = from_float<TG>(f(to_float(a.v[e]), to_float(b.v[e])));
+      for (int e = 0; e < kN; ++e) o.v[e] = from_float<TG>(f(a[e], b[e]));
       reinterpret_cast<OutPack*>(out)[v] = o;
     }
     scalar_from = nvec * kN;
   }
   for (int i = scalar_from + threadIdx.x; i < len; i += kThreads)
     out[i] = from_float<TG>(f(to_float(s[i]), to_float(t[i])));
+}
+
+// The block's maximum of `v`, in every thread. `scratch` holds one float per warp.
+__device__ __forceinline__ float block_max_all(float v, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) v = fmaxf(v, scratch[w]);
+  return v;
 }
 
 // Reduces `v` over the block, then over the cluster in rank order (so every block of the
@@ -201,22 +234,51 @@ __global__ void __launch_bounds__(kThreads, 3)
   __shared__ int slot_accept, res_accept;
   __shared__ unsigned long long block_start, warp_zq[kThreads / 32];
   __shared__ alignas(16) unsigned char scratch[kThreads / 32 * sizeof(RowSums)];
+  __shared__ uint64_t slice_arrived;
 
-  // Pass 1: stream the slice in (once), tracking the maxima and the student argmax.
+  // Pass 1: bring the slice in (once), tracking the maxima pairwise on the raw packs.
   T* cs = cached ? reinterpret_cast<T*>(slice_smem) : nullptr;
   T* ct = cached ? cs + slice_len : nullptr;
-  RowMax local{-INFINITY, INT_MAX, -INFINITY};
-  load_slice_pair<kThreads, 4>(gs, gt, cs, ct, len, cached, global_vec, [&](int i, T s_raw, T t_raw) {
-    const float s = to_float(s_raw);
-    if (s > local.max_s) {  // indices only grow within a thread: strict > keeps the lowest
-      local.max_s = s;
-      local.arg_s = static_cast<int>(begin) + i;
-    }
-    local.max_t = fmaxf(local.max_t, to_float(t_raw));
-  });
-  const RowMax rmax = cluster_allreduce(local, &slot_max, &res_max, reinterpret_cast<RowMax*>(scratch));
+  PackMax<T> pack_max_s, pack_max_t;
+  float tail_max_s = -INFINITY, tail_max_t = -INFINITY;
+  auto tail_max = [&](int, T s, T t) {
+    tail_max_s = fmaxf(tail_max_s, to_float(s));
+    tail_max_t = fmaxf(tail_max_t, to_float(t));
+  };
+  if (cached && global_vec) {
+    bulk_load_slice_pair<kThreads>(gs, gt, cs, ct, len, &slice_arrived);
+    for_each_pack_pair<kThreads>(
+        cs, ct, len, true,
+        [&](int, const uint4& a, const uint4& b) {
+          pack_max_s.add(a);
+          pack_max_t.add(b);
+        },
+        tail_max);
+  } else {
+    load_slice_batches<kThreads, 4>(
+        gs, gt, cs, ct, len, cached, global_vec,
+        [&](int, int count, const uint4(&a)[4], const uint4(&b)[4]) {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            if (u < count) {
+              pack_max_s.add(a[u]);
+              pack_max_t.add(b[u]);
+            }
+          }
+        },
+        tail_max);
+  }
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;
+  // The student argmax: the block's maximum first, then only the threads holding it look for its
+  // lowest index among their own elements.
+  const float thread_max_s = fmaxf(pack_max_s.value(), tail_max_s);
+  const float block_max_s = block_max_all(thread_max_s, reinterpret_cast<float*>(scratch));
+  const int arg =
+      thread_max_s == block_max_s ? first_index_of<kThreads>(rs, len, global_vec, block_max_s) : INT_MAX;
+  const RowMax local{block_max_s, arg == INT_MAX ? INT_MAX : static_cast<int>(begin) + arg,
+                     fmaxf(pack_max_t.value(), tail_max_t)};
+  const RowMax rmax = cluster_allreduce(local, &slot_max, &res_max, reinterpret_cast<RowMax*>(scratch));
   const bool vec = cached || global_vec;
   const float inv_t = prm.inv_temperature;
 
@@ -225,27 +287,41 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int64_t y = rmax.arg_s < V ? rmax.arg_s : 0;  // all -inf: torch.argmax's answer, 0
   const float t_at_y = to_float(static_cast<const T*>(prm.teacher)[row * V + y]);
   const MassScale scale_q = mass_scale(rmax.max_s, inv_t), scale_p = mass_scale(rmax.max_t, inv_t);
+  const float c = scale_q.c;  // log2(e) / T
+  const ExpOffset off_s = exp_offset(rmax.max_s, c), off_t = exp_offset(rmax.max_t, c);
   const bool spec = prm.gate == Gate::kSpec;
-  auto pass2 = [&](auto with_masses) {
+  auto pass2 = [&](auto gate) {
+    constexpr Gate kGate = decltype(gate)::value;
     RowSums sums{0.0f, 0.0f, 0.0f, 0, 0, 0};
-    for_each_float_pair_by_warp(rs, rt, len, vec, [&](int, float s, float t) {
-      // The masses' exponents (the spec gate shares them) and their unscaled differences.
-      const float ds = exact_add(s, -rmax.max_s), dt = exact_add(t, -rmax.max_t);
-      const float ys = mass_exponent(s, scale_q), yt = mass_exponent(t, scale_p);
-      const float es = fast_exp2(ys), et = fast_exp2(yt);
+    // d: the exponents' difference, c ((t - max_t) - (s - max_s)) up to the offsets' errors.
+    auto add = [&](float es, float et, float d) {
       sums.sum_s += es;
       sums.sum_t += et;
-      if constexpr (kDiv == Divergence::kFKL) sums.acc += et * (dt - ds);
-      if constexpr (kDiv == Divergence::kRKL) sums.acc += es * (ds - dt);
-      sums.count += t > t_at_y;
-      if constexpr (decltype(with_masses)::value) {
+      if constexpr (kDiv == Divergence::kFKL) sums.acc = fmaf(et, d, sums.acc);
+      if constexpr (kDiv == Divergence::kRKL) sums.acc = fmaf(-es, d, sums.acc);
+    };
+    if constexpr (kGate == Gate::kSpec) {
+      // The masses' exponents, shared with the sums.
+      for_each_float_pair_by_warp(rs, rt, len, vec, [&](int, float s, float t) {
+        const float ys = mass_exponent(s, scale_q), yt = mass_exponent(t, scale_p);
+        add(fast_exp2(ys), fast_exp2(yt), yt - ys);
         sums.zq += mass_of_exponent(ys);
         sums.zp += mass_of_exponent(yt);
-      }
-    });
+      });
+    } else {
+      // One multiply-add per exponent; their difference is c (dt - ds) + err_t - err_s, and the
+      // errors' share is taken out after the reduction.
+      for_each_float_pair<kThreads>(rs, rt, len, vec, [&](int, float s, float t) {
+        const float xs = fmaf(s, c, -off_s.k), xt = fmaf(t, c, -off_t.k);
+        add(fast_exp2(xs), fast_exp2(xt), xt - xs);
+        if constexpr (kGate == Gate::kTopK) sums.count += t > t_at_y;
+      });
+    }
     return sums;
   };
-  const RowSums sums = spec ? pass2(std::true_type{}) : pass2(std::false_type{});
+  const RowSums sums = spec                        ? pass2(std::integral_constant<Gate, Gate::kSpec>{})
+                       : prm.gate == Gate::kTopK ? pass2(std::integral_constant<Gate, Gate::kTopK>{})
+                                                 : pass2(std::integral_constant<Gate, Gate::kNone>{});
   if (spec) {
     unsigned long long wq = sums.zq;
 #pragma unroll
@@ -253,7 +329,12 @@ __global__ void __launch_bounds__(kThreads, 3)
     if (threadIdx.x % 32 == 0) warp_zq[threadIdx.x / 32] = wq;
   }
   const RowSums rsum = cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
-  const float lse_s = logf(rsum.sum_s), lse_t = logf(rsum.sum_t);
+  // Base-2 log-sums relative to the maxima (the spec gate's sums carry no offset factor).
+  const float lse_s2 = log2f(rsum.sum_s) - (spec ? 0.0f : off_s.err);
+  const float lse_t2 = log2f(rsum.sum_t) - (spec ? 0.0f : off_t.err);
+  const float lse_s = lse_s2 * kLn2, lse_t = lse_t2 * kLn2;
+  // The offsets' share of every exponent difference in acc (c (dt - ds) + err_d).
+  const float err_d = spec ? 0.0f : off_t.err - off_s.err;
 
   bool accepted = true;
   if (prm.gate == Gate::kTopK) {
@@ -283,13 +364,13 @@ __global__ void __launch_bounds__(kThreads, 3)
   // Pass 3 (jsd / skl / srkl): D and sum_k q_k g_k need normalised p and q.
   float div_d, div_g = 0.0f;
   if constexpr (kDiv == Divergence::kFKL) {
-    div_d = rsum.acc * inv_t / rsum.sum_t + lse_s - lse_t;
+    div_d = kLn2 * (rsum.acc / rsum.sum_t - err_d) + lse_s - lse_t;
   } else if constexpr (kDiv == Divergence::kRKL) {
-    div_d = rsum.acc * inv_t / rsum.sum_s + lse_t - lse_s;
+    div_d = kLn2 * (rsum.acc / rsum.sum_s + err_d) + lse_t - lse_s;
     div_g = div_d;
   } else {
     RowMix mix{0.0f, 0.0f};
-    for_each_float_pair(rs, rt, len, vec, [&](int, float s, float t) {
+    for_each_float_pair<kThreads>(rs, rt, len, vec, [&](int, float s, float t) {
       const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
       const float q = fast_exp2(lq * kLog2e), p = fast_exp2(lp * kLog2e);
       const DivergenceTerms<float> term = mixture_terms<float>(kDiv, prm.mix, lp, lq, p, q);
@@ -313,12 +394,12 @@ __global__ void __launch_bounds__(kThreads, 3)
     if (coef == 0.0f) {
       write_grad(grad, rs, rt, len, vec && global_vec, [](float, float) { return 0.0f; });
     } else {
-      // fkl needs only q and p: their base-2 exponents directly, one multiply-add each.
-      const float lse_s2 = lse_s * kLog2e, lse_t2 = lse_t * kLog2e;
+      // fkl needs only coef * (q - p): q = 2^(s c - max_s c - lse_s2), written around k_s = max_s c
+      // rounded so each of q and p costs one multiply-add and one exp.
+      const ExpNorm nq = exp_norm(off_s.k, off_s.err + lse_s2, coef), np = exp_norm(off_t.k, off_t.err + lse_t2, coef);
       write_grad(grad, rs, rt, len, vec && global_vec, [&](float s, float t) {
         if constexpr (kDiv == Divergence::kFKL) {
-          return coef * (fast_exp2(fmaf(s - rmax.max_s, scale_q.c, -lse_s2)) -
-                         fast_exp2(fmaf(t - rmax.max_t, scale_p.c, -lse_t2)));
+          return fmaf(nq.scale, fast_exp2(fmaf(s, c, -nq.k)), -np.scale * fast_exp2(fmaf(t, c, -np.k)));
         } else {
           const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
           const float q = fast_exp2(lq * kLog2e), p = fast_exp2(lp * kLog2e);
