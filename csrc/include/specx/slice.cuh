@@ -370,16 +370,4 @@ __device__ __forceinline__ void for_each_in_batch(int first, int count, const ui
   }
 }
 
-// load_slice_batches with every element handed to visit(local index, s, t).
-template <int kThreads, int kUnroll, typename T, typename F>
-__device__ __forceinline__ void load_slice_pair(const T* gs, const T* gt, T* cs, T* ct, int len, bool cached,
-                                                bool vectorized, F&& visit) {
-  load_slice_batches<kThreads, kUnroll>(
-      gs, gt, cs, ct, len, cached, vectorized,
-      [&](int first, int count, const uint4(&a)[kUnroll], const uint4(&b)[kUnroll]) {
-        for_each_in_batch<kThreads, T>(first, count, a, b, visit);
-      },
-      visit);
-}
-
 }  // namespace specx
