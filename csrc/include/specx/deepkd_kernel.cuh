@@ -144,20 +144,6 @@ struct Tie {
   float s;  // student logit
 };
 
-// The largest of a 16-byte pack's values (two at a time for 16-bit types).
-template <typename T>
-__device__ __forceinline__ float pack_max(const uint4& raw) {
-  if constexpr (std::is_same_v<T, float>) {
-    const float4 v = *reinterpret_cast<const float4*>(&raw);
-    return fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w));
-  } else {
-    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-    const T2* v = reinterpret_cast<const T2*>(&raw);
-    const T2 m = __hmax2(__hmax2(v[0], v[1]), __hmax2(v[2], v[3]));
-    return fmaxf(to_float(m.x), to_float(m.y));
-  }
-}
-
 // Sums of one row.
 struct RowSums {
   ExpSum s1;     // s over all classes
@@ -334,14 +320,15 @@ __global__ void __launch_bounds__(kThreads, 3)
       for_each_in_batch<kThreads, T>(first, count, ps, pt, add_class);
       return;
     }
-    float max_s = -FLT_MAX, max_t = -FLT_MAX;
+    PackMax<T> batch_max_s, batch_max_t;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (u < count) {
-        max_s = fmaxf(max_s, pack_max<T>(ps[u]));
-        max_t = fmaxf(max_t, pack_max<T>(pt[u]));
+        batch_max_s.add(ps[u]);
+        batch_max_t.add(pt[u]);
       }
     }
+    const float max_s = batch_max_s.value(), max_t = batch_max_t.value();
     if (max_s > sums.s1.m) sums.s1.raise(max_s);
     if (max_s > nt_a.m) nt_a.raise(max_s, c);
     if (max_t > nt_b.m) nt_b.raise(max_t, c);
