@@ -28,6 +28,8 @@
 namespace specx::deepkd_cuda {
 
 namespace cg = cooperative_groups;
+using speckd_cuda::exp_norm;
+using speckd_cuda::ExpNorm;
 using speckd_cuda::kLog2e;
 using topk_cuda::key_of;
 
@@ -170,6 +172,13 @@ __device__ __forceinline__ RowSums combine(RowSums x, RowSums y) {
           combine(x.k_b, y.k_b)};
 }
 
+// exp_norm for 2^(x c - lse log2(e)): the product lse log2(e) split exactly into its rounded value
+// and its error, so a row's lse of any magnitude costs no accuracy.
+__device__ __forceinline__ ExpNorm exp_norm_of(float lse, float log2e, float scale) {
+  const float hi = __fmul_rn(lse, log2e);
+  return exp_norm(hi, fmaf(lse, log2e, -hi), scale);
+}
+
 __device__ __forceinline__ float log_add_exp(float x, float y) {
   const float hi = fmaxf(x, y), lo = fminf(x, y);
   if (lo == -INFINITY) return hi;
@@ -204,7 +213,8 @@ __device__ int nth_equal_index(const T* x, int len, uint32_t key, unsigned n, un
   return len - 1;  // not reached when n is in range
 }
 
-// Writes the three gradients of a slice: f(i, s, t) -> float3, 16 bytes at a time where `vec`.
+// Writes the three gradients of a slice: f(i, s, t) -> float3 (s, t as floats), 16 bytes at a time
+// where `vec`.
 template <typename T, typename F>
 __device__ __forceinline__ void write_grads(T* g0, T* g1, T* g2, const T* s, const T* t, int len, bool vec, F&& f) {
   constexpr int kN = Pack<T>::kN;
@@ -212,12 +222,13 @@ __device__ __forceinline__ void write_grads(T* g0, T* g1, T* g2, const T* s, con
   if (vec) {
     const int nvec = len / kN;
     for (int v = threadIdx.x; v < nvec; v += kThreads) {
-      const Pack<T> a = reinterpret_cast<const Pack<T>*>(s)[v];
-      const Pack<T> b = reinterpret_cast<const Pack<T>*>(t)[v];
+      float a[kN], b[kN];
+      pack_to_floats<T>(reinterpret_cast<const uint4*>(s)[v], a);
+      pack_to_floats<T>(reinterpret_cast<const uint4*>(t)[v], b);
       Pack<T> o0, o1, o2;
 #pragma unroll
       for (int e = 0; e < kN; ++e) {
-        const float3 g = f(v * kN + e, a.v[e], b.v[e]);
+        const float3 g = f(v * kN + e, a[e], b[e]);
         o0.v[e] = from_float<T>(g.x);
         o1.v[e] = from_float<T>(g.y);
         o2.v[e] = from_float<T>(g.z);
@@ -229,7 +240,7 @@ __device__ __forceinline__ void write_grads(T* g0, T* g1, T* g2, const T* s, con
     scalar_from = nvec * kN;
   }
   for (int i = scalar_from + threadIdx.x; i < len; i += kThreads) {
-    const float3 g = f(i, s[i], t[i]);
+    const float3 g = f(i, to_float(s[i]), to_float(t[i]));
     g0[i] = from_float<T>(g.x);
     g1[i] = from_float<T>(g.y);
     g2[i] = from_float<T>(g.z);
@@ -255,7 +266,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int64_t y = prm.target[row];
   if (y == prm.ignore_index || y < 0 || y >= C) {
     if (with_grad) {
-      write_grads(g_ce, g_tc, g_nc, gs, gt, len, global_vec, [](int, T, T) { return make_float3(0.f, 0.f, 0.f); });
+      write_grads(g_ce, g_tc, g_nc, gs, gt, len, global_vec,
+                  [](int, float, float) { return make_float3(0.f, 0.f, 0.f); });
     }
     if (rank == 0 && threadIdx.x == 0) {
       const float v = y == prm.ignore_index ? 0.0f : __int_as_float(0x7fc00000);  // a bad target reads NaN
@@ -305,8 +317,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     const unsigned slot = atomicAdd(&tie_count, 1u);
     if (slot < kTieCapacity) ties_listed[slot] = {i, s};
   };
-  auto add_class = [&](int i, T sv, T tv) {
-    const float s = to_float(sv), t = to_float(tv);
+  auto add_class = [&](int i, float s, float t) {
     sums.s1.add(s);
     if (i != y_at) {
       nt_a.add(s, c, kTopK && t > thr);
@@ -332,8 +343,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     if (max_s > sums.s1.m) sums.s1.raise(max_s);
     if (max_s > nt_a.m) nt_a.raise(max_s, c);
     if (max_t > nt_b.m) nt_b.raise(max_t, c);
-    for_each_in_batch<kThreads, T>(first, count, ps, pt, [&](int i, T sv, T tv) {
-      const float s = to_float(sv), t = to_float(tv);
+    for_each_in_batch<kThreads, T>(first, count, ps, pt, [&](int i, float s, float t) {
       sums.s1.s += fast_exp2((s - sums.s1.m) * kLog2e);
       const float ea = fast_exp2((s - nt_a.m) * c), eb = fast_exp2((t - nt_b.m) * c), ew = eb * (t - s);
       nt_a.s += ea;
@@ -349,7 +359,8 @@ __global__ void __launch_bounds__(kThreads, 3)
       }
     });
   };
-  load_slice_batches<kThreads, kUnroll>(gs, gt, cs, ct, len, cached, global_vec, add_batch, add_class);
+  load_slice_batches<kThreads, kUnroll>(gs, gt, cs, ct, len, cached, global_vec, add_batch,
+                                        [&](int i, T s, T t) { add_class(i, to_float(s), to_float(t)); });
   sums.nt_a = {nt_a.m * inv_t, nt_a.s};
   sums.nt_b = {nt_b.m * inv_t, nt_b.s, nt_b.acc};
   const T* rs = cached ? cs : gs;
@@ -444,7 +455,9 @@ __global__ void __launch_bounds__(kThreads, 3)
     prm.row_losses[3 * row + 2] = nckd;
   }
 
-  // Pass 3: the three gradients, from the cached slice.
+  // Pass 3: the three gradients, from the cached slice. Each exp is one multiply-add around a row
+  // constant, the constant's rounding moved into a row factor (exp_norm_of). The loop treats every
+  // class as a non-target one; the target's three entries are written after it.
   if (with_grad) {
     const float scale = *prm.grad_scale;
     const float coef_tc = temp * scale * (ps - pt);
@@ -452,25 +465,41 @@ __global__ void __launch_bounds__(kThreads, 3)
     // softmax_K(a) = softmax_N(a) exp(lse_N(a) - lse_K(a)): no exp of its own unless that factor is
     // large enough for softmax_N(a) to have flushed to 0 where softmax_K(a) would not.
     const float k_ratio = kTopK && lse_nt_s - lse_k_s < 20.0f ? fast_exp2((lse_nt_s - lse_k_s) * kLog2e) : 0.0f;
-    write_grads(g_ce, g_tc, g_nc, rs, rt, len, vec && global_vec, [&](int i, T sv, T tv) {
-      const float s = to_float(sv);
-      float3 g;
-      g.x = scale * (fast_exp2((s - lse1) * kLog2e) - (i == y_at ? 1.0f : 0.0f));
-      if (i == y_at) {
-        g.y = coef_tc;
-        g.z = 0.0f;
-        return g;
+    const bool own_k_exp = kTopK && !(k_ratio > 0.0f);
+    const ExpNorm ce = exp_norm_of(lse1, kLog2e, scale);  // d ce: ce.scale 2^(s log2(e) - ce.k)
+    const ExpNorm nt = exp_norm_of(lse_nt_s, kLog2e, 1.0f);  // softmax_N(a) = nt.scale 2^(s c - nt.k)
+    const float coef_nt = -coef_tc * nt.scale;
+    const ExpNorm kt = exp_norm_of(lse_k_t, kLog2e, coef_nc);  // coef_nc softmax_K(b)
+    const ExpNorm ks = own_k_exp ? exp_norm_of(lse_k_s, kLog2e, coef_nc)  // coef_nc softmax_K(a)
+                                 : ExpNorm{nt.k, coef_nc * (kTopK ? k_ratio : 1.0f) * nt.scale};
+    // kTieMode: 0, no tie with the threshold is kept in this slice; 1, all are; 2, some (or K's
+    // student sum needs its own exp): the full test.
+    auto grads = [&](auto tie_mode) {
+      constexpr int kTieMode = decltype(tie_mode)::value;
+      write_grads(g_ce, g_tc, g_nc, rs, rt, len, vec && global_vec, [&](int i, float s, float t) {
+        const float e_nt = fast_exp2(fmaf(s, c, -nt.k));
+        const float e_ks = kTieMode == 2 && own_k_exp ? fast_exp2(fmaf(s, c, -ks.k)) : e_nt;
+        const float nc = fmaf(ks.scale, e_ks, -kt.scale * fast_exp2(fmaf(t, c, -kt.k)));
+        bool keep = true;
+        if constexpr (kTopK) keep = kTieMode == 0 ? t > thr : kTieMode == 1 ? t >= thr : kept(i, t);
+        return make_float3(ce.scale * fast_exp2(fmaf(s, kLog2e, -ce.k)), coef_nt * e_nt, keep ? nc : 0.0f);
+      });
+    };
+    if (!kTopK || (!own_k_exp && tie_at >= len - 1)) {
+      grads(std::integral_constant<int, 1>{});
+    } else if (!own_k_exp && tie_at < 0) {
+      grads(std::integral_constant<int, 0>{});
+    } else {
+      grads(std::integral_constant<int, 2>{});
+    }
+    if (y_at >= 0) {  // the same in every thread of the block
+      __syncthreads();  // after the loop's stores to y_at
+      if (threadIdx.x == 0) {
+        g_ce[y_at] = from_float<T>(scale * (fast_exp2((s_y - lse1) * kLog2e) - 1.0f));
+        g_tc[y_at] = from_float<T>(coef_tc);
+        g_nc[y_at] = from_float<T>(0.0f);  // y is never in K
       }
-      const float a = s * inv_t, t = to_float(tv);
-      const float q_nt = fast_exp2((a - lse_nt_s) * kLog2e);  // softmax_N(a)_j
-      g.y = -coef_tc * q_nt;
-      // Without a top-k, K = N and softmax_K(a) is softmax_N(a). With one, every class pays the
-      // teacher's exp: a branch on `kept` would diverge in most warps anyway.
-      const float q_k = !kTopK ? q_nt : k_ratio > 0.0f ? q_nt * k_ratio : fast_exp2((a - lse_k_s) * kLog2e);
-      const float nc = coef_nc * (q_k - fast_exp2((t * inv_t - lse_k_t) * kLog2e));
-      g.z = !kTopK || kept(i, t) ? nc : 0.0f;
-      return g;
-    });
+    }
   }
   cluster.barrier_wait();
 }

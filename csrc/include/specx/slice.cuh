@@ -354,7 +354,8 @@ __device__ __forceinline__ int first_index_of(const T* s, int len, bool vectoriz
   return INT_MAX;
 }
 
-// Calls visit(local index, s, t) on every element of a batch from load_slice_batches.
+// Calls visit(local index, s, t) on every element of a batch from load_slice_batches, the values
+// as floats.
 template <int kThreads, typename T, int kUnroll, typename F>
 __device__ __forceinline__ void for_each_in_batch(int first, int count, const uint4 (&a)[kUnroll],
                                                   const uint4 (&b)[kUnroll], F&& visit) {
@@ -362,10 +363,11 @@ __device__ __forceinline__ void for_each_in_batch(int first, int count, const ui
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     if (u < count) {
-      const Pack<T> pa = *reinterpret_cast<const Pack<T>*>(&a[u]);
-      const Pack<T> pb = *reinterpret_cast<const Pack<T>*>(&b[u]);
+      float fa[kN], fb[kN];
+      pack_to_floats<T>(a[u], fa);
+      pack_to_floats<T>(b[u], fb);
 #pragma unroll
-      for (int e = 0; e < kN; ++e) visit((first + u * kThreads) * kN + e, pa.v[e], pb.v[e]);
+      for (int e = 0; e < kN; ++e) visit((first + u * kThreads) * kN + e, fa[e], fb[e]);
     }
   }
 }
