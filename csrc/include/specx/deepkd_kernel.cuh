@@ -271,6 +271,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     return;
   }
 
+  speckd_cuda::cluster_arrive_started();
   extern __shared__ __align__(16) unsigned char slice_smem[];
   // One slot per block of the cluster for each exchange (the sums may be exchanged twice).
   __shared__ RowSums sums_slots[speckd_cuda::kMaxClusterBlocks], resummed_slots[speckd_cuda::kMaxClusterBlocks];
@@ -362,6 +363,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;
   const bool vec = cached || global_vec;
+  speckd_cuda::cluster_wait_started();
 
   if (kTopK) {
     sums.k_a = {nt_a.m * inv_t, nt_a.s_above};

@@ -187,6 +187,13 @@ __device__ __forceinline__ float block_max_all(float v, float* scratch) {
   return v;
 }
 
+// A block may write into another's shared memory only once that block has started: each block
+// arrives here (relaxed: nothing to publish) when it starts, and waits before its first push.
+__device__ __forceinline__ void cluster_arrive_started() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait_started() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+
 // The most blocks a row's cluster has (16 needs the non-portable size).
 constexpr int kMaxClusterBlocks = 16;
 
@@ -195,7 +202,8 @@ constexpr int kMaxClusterBlocks = 16;
 // after the cluster barrier every thread combines the slots locally in rank order (so every block
 // gets the bit-identical result). `slots` (kMaxClusterBlocks entries) must serve this exchange
 // only; `warp_scratch` (one P per warp) may be shared with other such exchanges. No block touches
-// another's memory after the barrier, so blocks may leave without waiting for each other.
+// another's memory after the barrier, so blocks may leave without waiting for each other. The
+// first exchange of a kernel must follow cluster_wait_started.
 template <typename P>
 __device__ __forceinline__ P cluster_allreduce_pushed(P v, P* slots, P* warp_scratch) {
   cg::cluster_group cluster = cg::this_cluster();
@@ -243,6 +251,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     return;
   }
 
+  cluster_arrive_started();
   extern __shared__ __align__(16) unsigned char slice_smem[];
   // One slot per block of the cluster for each exchange, and the warps' partials.
   __shared__ RowMax max_slots[kMaxClusterBlocks];
@@ -296,6 +305,7 @@ __global__ void __launch_bounds__(kThreads, 3)
       thread_max_s == block_max_s ? first_index_of<kThreads>(rs, len, global_vec, block_max_s) : INT_MAX;
   const RowMax local{block_max_s, arg == INT_MAX ? INT_MAX : static_cast<int>(begin) + arg,
                      fmaxf(pack_max_t.value(), tail_max_t)};
+  cluster_wait_started();
   const RowMax rmax = cluster_allreduce_pushed(local, max_slots, reinterpret_cast<RowMax*>(scratch));
   const bool vec = cached || global_vec;
   const float inv_t = prm.inv_temperature;
