@@ -22,7 +22,7 @@
 #pragma once
 #include <cfloat>
 
-#include "specx/speckd_kernel.cuh"  // cluster_allreduce, kLog2e
+#include "specx/speckd_kernel.cuh"  // cluster_allreduce_pushed, kLog2e
 #include "specx/topk_threshold_kernel.cuh"
 
 namespace specx::deepkd_cuda {
@@ -146,6 +146,12 @@ struct Tie {
   float s;  // student logit
 };
 
+// A block's count of ties with the threshold.
+struct TieCount {
+  unsigned n;
+};
+__device__ __forceinline__ TieCount combine(TieCount a, TieCount b) { return {a.n + b.n}; }
+
 // Sums of one row.
 struct RowSums {
   ExpSum s1;     // s over all classes
@@ -251,7 +257,6 @@ __device__ __forceinline__ void write_grads(T* g0, T* g1, T* g2, const T* s, con
 template <typename T, bool kTopK>
 __global__ void __launch_bounds__(kThreads, 3)
     deepkd_rows_kernel(const DeepKDParams prm, const int slice_len, const bool cached) {
-  cg::cluster_group cluster = cg::this_cluster();
   const int64_t C = prm.classes;
   const auto [nblocks, rank, row, begin, len] = this_row_slice(C, slice_len);
   const T* gs = static_cast<const T*>(prm.student) + row * C + begin;
@@ -278,9 +283,12 @@ __global__ void __launch_bounds__(kThreads, 3)
     return;
   }
 
+  speckd_cuda::cluster_arrive_started();
   extern __shared__ __align__(16) unsigned char slice_smem[];
-  __shared__ RowSums slot_sums, res_sums;
-  __shared__ unsigned slot_ties, tie_count, warp_totals[kThreads / 32];
+  // One slot per block of the cluster for each exchange (the sums may be exchanged twice).
+  __shared__ RowSums sums_slots[speckd_cuda::kMaxClusterBlocks], resummed_slots[speckd_cuda::kMaxClusterBlocks];
+  __shared__ TieCount tie_slots[speckd_cuda::kMaxClusterBlocks];
+  __shared__ unsigned tie_count, warp_totals[kThreads / 32];
   __shared__ int tie_found;
   __shared__ Tie ties_listed[kTieCapacity];
   __shared__ alignas(16) unsigned char scratch[kThreads / 32 * sizeof(RowSums)];
@@ -366,6 +374,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;
   const bool vec = cached || global_vec;
+  speckd_cuda::cluster_wait_started();
 
   if (kTopK) {
     sums.k_a = {nt_a.m * inv_t, nt_a.s_above};
@@ -375,10 +384,10 @@ __global__ void __launch_bounds__(kThreads, 3)
     // of them (-1 when none is).
     __syncthreads();
     const unsigned ties = tie_count;
-    if (threadIdx.x == 0) slot_ties = ties;
-    cluster.sync();
+    speckd_cuda::cluster_allreduce_pushed(TieCount{threadIdx.x == 0 ? ties : 0u}, tie_slots,
+                                          reinterpret_cast<TieCount*>(scratch));
     unsigned lower_ties = 0;
-    for (unsigned r = 0; r < rank; ++r) lower_ties += *cluster.map_shared_rank(&slot_ties, r);
+    for (unsigned r = 0; r < rank; ++r) lower_ties += tie_slots[r].n;
     const auto remaining = static_cast<unsigned>(prm.k - prm.count_greater[row]);
     const unsigned keep = remaining <= lower_ties ? 0u : min(ties, remaining - lower_ties);
     ExpSum kept_a = kEmpty;
@@ -414,7 +423,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     sums.k_a = combine(sums.k_a, kept_a);
     sums.k_b = combine(sums.k_b, kept_b);
   }
-  RowSums r = speckd_cuda::cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
+  RowSums r = speckd_cuda::cluster_allreduce_pushed(sums, sums_slots, reinterpret_cast<RowSums*>(scratch));
   if (kTopK && r.k_b.s > 0.0f && r.k_a.s < kKSumGuard) {  // the same in every block of the cluster
     sums.k_a = kEmpty;
     sums.k_b = kEmptyAcc;
@@ -424,11 +433,8 @@ __global__ void __launch_bounds__(kThreads, 3)
       sums.k_a.add(s * inv_t);
       sums.k_b.add(t * inv_t, t - s);
     });
-    cluster.sync();  // every block has read the first reduction's slots
-    r = speckd_cuda::cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
+    r = speckd_cuda::cluster_allreduce_pushed(sums, resummed_slots, reinterpret_cast<RowSums*>(scratch));
   }
-  // This block is done with the other blocks' shared memory; it waits for them before leaving.
-  cluster.barrier_arrive();
   if (!kTopK) {  // K = N
     r.k_a = r.nt_a;
     r.k_b = r.nt_b;
@@ -501,7 +507,6 @@ __global__ void __launch_bounds__(kThreads, 3)
       }
     }
   }
-  cluster.barrier_wait();
 }
 
 }  // namespace specx::deepkd_cuda

@@ -175,11 +175,11 @@ __device__ __forceinline__ void write_grad(TG* out, const T* s, const T* t, int 
     out[i] = from_float<TG>(f(to_float(s[i]), to_float(t[i])));
 }
 
-// The block's maximum of `v`, in every thread. `scratch` holds one float per warp.
+// The block's maximum of `v`, in every thread. `scratch` (one float per warp) must serve this
+// call only: with no later reuse, one barrier is enough.
 __device__ __forceinline__ float block_max_all(float v, float* scratch) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  __syncthreads();
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
 #pragma unroll
@@ -187,29 +187,53 @@ __device__ __forceinline__ float block_max_all(float v, float* scratch) {
   return v;
 }
 
-// Reduces `v` over the block, then over the cluster in rank order (so every block of the
-// cluster gets the bit-identical result). `slot` must be a __shared__ variable used for
-// this exchange only: later exchanges use other slots, so no second barrier is needed.
-template <typename P>
-__device__ __forceinline__ P cluster_allreduce(P v, P* slot, P* result, P* warp_scratch) {
-  cg::cluster_group cluster = cg::this_cluster();
-  v = block_reduce(v, warp_scratch, [](P a, P b) { return combine(a, b); });
-  if (threadIdx.x == 0) *slot = v;
-  cluster.sync();
-  if (threadIdx.x == 0) {
-    P acc = *cluster.map_shared_rank(slot, 0);
-    for (unsigned r = 1; r < cluster.num_blocks(); ++r) acc = combine(acc, *cluster.map_shared_rank(slot, r));
-    *result = acc;
-  }
-  __syncthreads();
-  return *result;
+// A block may write into another's shared memory only once that block has started: each block
+// arrives here (relaxed: nothing to publish) when it starts, and waits before its first push.
+__device__ __forceinline__ void cluster_arrive_started() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 }
+__device__ __forceinline__ void cluster_wait_started() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+
+// The most blocks a row's cluster has (16 needs the non-portable size).
+constexpr int kMaxClusterBlocks = 16;
+
+// Reduces `v` over the block, then over the cluster, with one block barrier and one cluster
+// barrier: lane r of warp 0 pushes the block's value into slot `rank` of block r's `slots`, and
+// after the cluster barrier every thread combines the slots locally in rank order (so every block
+// gets the bit-identical result). `slots` (kMaxClusterBlocks entries) must serve this exchange
+// only; `warp_scratch` (one P per warp) may be shared with other such exchanges. No block touches
+// another's memory after the barrier, so blocks may leave without waiting for each other. The
+// first exchange of a kernel must follow cluster_wait_started.
+template <typename P>
+__device__ __forceinline__ P cluster_allreduce_pushed(P v, P* slots, P* warp_scratch) {
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned nblocks = cluster.num_blocks();
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = combine(v, shfl_xor_struct(v, off));
+  if (threadIdx.x % 32 == 0) warp_scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x < nblocks) {
+    P block = warp_scratch[0];
+#pragma unroll
+    for (int w = 1; w < kThreads / 32; ++w) block = combine(block, warp_scratch[w]);
+    *cluster.map_shared_rank(slots + cluster.block_rank(), threadIdx.x) = block;
+  }
+  cluster.sync();
+  P acc = slots[0];
+  for (unsigned r = 1; r < nblocks; ++r) acc = combine(acc, slots[r]);
+  return acc;
+}
+
+// The spec gate's verdict of a thread, a block or a row: whether any proposal was accepted.
+struct Accepted {
+  int any;
+};
+__device__ __forceinline__ Accepted combine(Accepted a, Accepted b) { return {a.any | b.any}; }
 
 // T: the logits' dtype; TG: the gradient's (T, or bf16 / fp16 for fp32 logits).
 template <typename T, typename TG, Divergence kDiv>
 __global__ void __launch_bounds__(kThreads, 3)
     speckd_rows_kernel(const SpecKDParams prm, const int slice_len, const bool cached) {
-  cg::cluster_group cluster = cg::this_cluster();
   const int64_t V = prm.vocab;
   const auto [nblocks, rank, row, begin, len] = this_row_slice(V, slice_len);
   const T* gs = static_cast<const T*>(prm.student) + row * V + begin;
@@ -227,12 +251,15 @@ __global__ void __launch_bounds__(kThreads, 3)
     return;
   }
 
+  cluster_arrive_started();
   extern __shared__ __align__(16) unsigned char slice_smem[];
-  __shared__ RowMax slot_max, res_max;
-  __shared__ RowSums slot_sums, res_sums;
-  __shared__ RowMix slot_mix, res_mix;
-  __shared__ int slot_accept, res_accept;
-  __shared__ unsigned long long block_start, warp_zq[kThreads / 32];
+  // One slot per block of the cluster for each exchange, and the warps' partials.
+  __shared__ RowMax max_slots[kMaxClusterBlocks];
+  __shared__ RowSums sums_slots[kMaxClusterBlocks];
+  __shared__ RowMix mix_slots[kMaxClusterBlocks];
+  __shared__ Accepted accept_slots[kMaxClusterBlocks];
+  __shared__ float warp_max[kThreads / 32];
+  __shared__ unsigned long long warp_zq[kThreads / 32];
   __shared__ alignas(16) unsigned char scratch[kThreads / 32 * sizeof(RowSums)];
   __shared__ uint64_t slice_arrived;
 
@@ -273,12 +300,13 @@ __global__ void __launch_bounds__(kThreads, 3)
   // The student argmax: the block's maximum first, then only the threads holding it look for its
   // lowest index among their own elements.
   const float thread_max_s = fmaxf(pack_max_s.value(), tail_max_s);
-  const float block_max_s = block_max_all(thread_max_s, reinterpret_cast<float*>(scratch));
+  const float block_max_s = block_max_all(thread_max_s, warp_max);
   const int arg =
       thread_max_s == block_max_s ? first_index_of<kThreads>(rs, len, global_vec, block_max_s) : INT_MAX;
   const RowMax local{block_max_s, arg == INT_MAX ? INT_MAX : static_cast<int>(begin) + arg,
                      fmaxf(pack_max_t.value(), tail_max_t)};
-  const RowMax rmax = cluster_allreduce(local, &slot_max, &res_max, reinterpret_cast<RowMax*>(scratch));
+  cluster_wait_started();
+  const RowMax rmax = cluster_allreduce_pushed(local, max_slots, reinterpret_cast<RowMax*>(scratch));
   const bool vec = cached || global_vec;
   const float inv_t = prm.inv_temperature;
 
@@ -328,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     for (int off = 16; off > 0; off >>= 1) wq += __shfl_xor_sync(0xffffffffu, wq, off);
     if (threadIdx.x % 32 == 0) warp_zq[threadIdx.x / 32] = wq;
   }
-  const RowSums rsum = cluster_allreduce(sums, &slot_sums, &res_sums, reinterpret_cast<RowSums*>(scratch));
+  const RowSums rsum = cluster_allreduce_pushed(sums, sums_slots, reinterpret_cast<RowSums*>(scratch));
   // Base-2 log-sums relative to the maxima (the spec gate's sums carry no offset factor).
   const float lse_s2 = log2f(rsum.sum_s) - (spec ? 0.0f : off_s.err);
   const float lse_t2 = log2f(rsum.sum_t) - (spec ? 0.0f : off_t.err);
@@ -340,25 +368,12 @@ __global__ void __launch_bounds__(kThreads, 3)
   if (prm.gate == Gate::kTopK) {
     accepted = rsum.count < prm.k;
   } else if (spec) {
-    // Every block's slot holds its totals until the last barrier: the masses before this block.
-    if (threadIdx.x == 0) {
-      unsigned long long start = 0;
-      for (int r = 0; r < rank; ++r) start += cluster.map_shared_rank(&slot_sums, r)->zq;
-      block_start = start;
-      slot_accept = 0;
-    }
-    __syncthreads();
-    if (rsum.zq > 0 && spec_block_accepts(prm, row, rs, rt, len, vec, scale_q, scale_p, rsum.zq, rsum.zp,
-                                          block_start, warp_zq))
-      atomicOr(&slot_accept, 1);
-    cluster.sync();
-    if (threadIdx.x == 0) {
-      int any = 0;
-      for (int r = 0; r < nblocks; ++r) any |= *cluster.map_shared_rank(&slot_accept, r);
-      res_accept = any;
-    }
-    __syncthreads();
-    accepted = res_accept != 0;
+    // The blocks' totals were pushed here: the masses before this block.
+    unsigned long long block_start = 0;
+    for (int r = 0; r < rank; ++r) block_start += sums_slots[r].zq;
+    const bool mine = rsum.zq > 0 && spec_block_accepts(prm, row, rs, rt, len, vec, scale_q, scale_p, rsum.zq,
+                                                         rsum.zp, block_start, warp_zq);
+    accepted = cluster_allreduce_pushed(Accepted{mine}, accept_slots, reinterpret_cast<Accepted*>(scratch)).any != 0;
   }
 
   // Pass 3 (jsd / skl / srkl): D and sum_k q_k g_k need normalised p and q.
@@ -377,7 +392,7 @@ __global__ void __launch_bounds__(kThreads, 3)
       mix.d += term.d;
       mix.g += q * term.g;
     });
-    const RowMix rmix = cluster_allreduce(mix, &slot_mix, &res_mix, reinterpret_cast<RowMix*>(scratch));
+    const RowMix rmix = cluster_allreduce_pushed(mix, mix_slots, reinterpret_cast<RowMix*>(scratch));
     div_d = rmix.d;
     div_g = rmix.g;
   }
@@ -412,8 +427,7 @@ __global__ void __launch_bounds__(kThreads, 3)
       });
     }
   }
-  // No block may leave while another can still read its shared memory.
-  cluster.sync();
+  // No exchange remains, and none reads another block's memory: no final cluster barrier.
 }
 
 }  // namespace specx::speckd_cuda
