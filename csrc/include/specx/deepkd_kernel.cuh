@@ -22,7 +22,8 @@
 #pragma once
 #include <cfloat>
 
-#include "specx/speckd_kernel.cuh"  // cluster_allreduce_pushed, kLog2e
+#include "specx/cluster_exchange.cuh"
+#include "specx/speckd_kernel.cuh"  // exp_norm, kLog2e
 #include "specx/topk_threshold_kernel.cuh"
 
 namespace specx::deepkd_cuda {
@@ -283,15 +284,23 @@ __global__ void __launch_bounds__(kThreads, 3)
     return;
   }
 
-  speckd_cuda::cluster_arrive_started();
   extern __shared__ __align__(16) unsigned char slice_smem[];
-  // One slot per block of the cluster for each exchange (the sums may be exchanged twice).
-  __shared__ RowSums sums_slots[speckd_cuda::kMaxClusterBlocks], resummed_slots[speckd_cuda::kMaxClusterBlocks];
-  __shared__ TieCount tie_slots[speckd_cuda::kMaxClusterBlocks];
+  // The sums may be exchanged twice.
+  __shared__ ClusterExchange<RowSums> sums_exchange, resummed_exchange;
+  __shared__ ClusterExchange<TieCount> tie_exchange;
+  __shared__ ExchangeScratch<kThreads, sizeof(RowSums)> scratch;
+  int turn = 0;  // which scratch buffer the next exchange takes
+  if (threadIdx.x == 0) {
+    sums_exchange.init(nblocks);
+    if (kTopK) {
+      resummed_exchange.init(nblocks);
+      tie_exchange.init(nblocks);
+    }
+  }
+  cluster_arrive_started();
   __shared__ unsigned tie_count, warp_totals[kThreads / 32];
   __shared__ int tie_found;
   __shared__ Tie ties_listed[kTieCapacity];
-  __shared__ alignas(16) unsigned char scratch[kThreads / 32 * sizeof(RowSums)];
 
   const float inv_t = 1.0f / prm.temperature;
   const float s_y = to_float(static_cast<const T*>(prm.student)[row * C + y]);
@@ -374,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;
   const bool vec = cached || global_vec;
-  speckd_cuda::cluster_wait_started();
+  cluster_wait_started();
 
   if (kTopK) {
     sums.k_a = {nt_a.m * inv_t, nt_a.s_above};
@@ -384,10 +393,9 @@ __global__ void __launch_bounds__(kThreads, 3)
     // of them (-1 when none is).
     __syncthreads();
     const unsigned ties = tie_count;
-    speckd_cuda::cluster_allreduce_pushed(TieCount{threadIdx.x == 0 ? ties : 0u}, tie_slots,
-                                          reinterpret_cast<TieCount*>(scratch));
+    tie_exchange.allreduce<kThreads>(TieCount{threadIdx.x == 0 ? ties : 0u}, scratch.take<TieCount>(turn));
     unsigned lower_ties = 0;
-    for (unsigned r = 0; r < rank; ++r) lower_ties += tie_slots[r].n;
+    for (unsigned r = 0; r < rank; ++r) lower_ties += tie_exchange.slots[r].n;
     const auto remaining = static_cast<unsigned>(prm.k - prm.count_greater[row]);
     const unsigned keep = remaining <= lower_ties ? 0u : min(ties, remaining - lower_ties);
     ExpSum kept_a = kEmpty;
@@ -423,7 +431,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     sums.k_a = combine(sums.k_a, kept_a);
     sums.k_b = combine(sums.k_b, kept_b);
   }
-  RowSums r = speckd_cuda::cluster_allreduce_pushed(sums, sums_slots, reinterpret_cast<RowSums*>(scratch));
+  RowSums r = sums_exchange.allreduce<kThreads>(sums, scratch.take<RowSums>(turn));
   if (kTopK && r.k_b.s > 0.0f && r.k_a.s < kKSumGuard) {  // the same in every block of the cluster
     sums.k_a = kEmpty;
     sums.k_b = kEmptyAcc;
@@ -433,7 +441,7 @@ __global__ void __launch_bounds__(kThreads, 3)
       sums.k_a.add(s * inv_t);
       sums.k_b.add(t * inv_t, t - s);
     });
-    r = speckd_cuda::cluster_allreduce_pushed(sums, resummed_slots, reinterpret_cast<RowSums*>(scratch));
+    r = resummed_exchange.allreduce<kThreads>(sums, scratch.take<RowSums>(turn));
   }
   if (!kTopK) {  // K = N
     r.k_a = r.nt_a;

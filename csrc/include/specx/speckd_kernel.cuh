@@ -10,6 +10,7 @@
 #include <climits>
 #include <type_traits>
 
+#include "specx/cluster_exchange.cuh"
 #include "specx/reduce.cuh"
 #include "specx/slice.cuh"
 #include "specx/speckd.h"
@@ -187,43 +188,6 @@ __device__ __forceinline__ float block_max_all(float v, float* scratch) {
   return v;
 }
 
-// A block may write into another's shared memory only once that block has started: each block
-// arrives here (relaxed: nothing to publish) when it starts, and waits before its first push.
-__device__ __forceinline__ void cluster_arrive_started() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait_started() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
-
-// The most blocks a row's cluster has (16 needs the non-portable size).
-constexpr int kMaxClusterBlocks = 16;
-
-// Reduces `v` over the block, then over the cluster, with one block barrier and one cluster
-// barrier: lane r of warp 0 pushes the block's value into slot `rank` of block r's `slots`, and
-// after the cluster barrier every thread combines the slots locally in rank order (so every block
-// gets the bit-identical result). `slots` (kMaxClusterBlocks entries) must serve this exchange
-// only; `warp_scratch` (one P per warp) may be shared with other such exchanges. No block touches
-// another's memory after the barrier, so blocks may leave without waiting for each other. The
-// first exchange of a kernel must follow cluster_wait_started.
-template <typename P>
-__device__ __forceinline__ P cluster_allreduce_pushed(P v, P* slots, P* warp_scratch) {
-  cg::cluster_group cluster = cg::this_cluster();
-  const unsigned nblocks = cluster.num_blocks();
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = combine(v, shfl_xor_struct(v, off));
-  if (threadIdx.x % 32 == 0) warp_scratch[threadIdx.x / 32] = v;
-  __syncthreads();
-  if (threadIdx.x < nblocks) {
-    P block = warp_scratch[0];
-#pragma unroll
-    for (int w = 1; w < kThreads / 32; ++w) block = combine(block, warp_scratch[w]);
-    *cluster.map_shared_rank(slots + cluster.block_rank(), threadIdx.x) = block;
-  }
-  cluster.sync();
-  P acc = slots[0];
-  for (unsigned r = 1; r < nblocks; ++r) acc = combine(acc, slots[r]);
-  return acc;
-}
-
 // The spec gate's verdict of a thread, a block or a row: whether any proposal was accepted.
 struct Accepted {
   int any;
@@ -251,16 +215,22 @@ __global__ void __launch_bounds__(kThreads, 3)
     return;
   }
 
-  cluster_arrive_started();
   extern __shared__ __align__(16) unsigned char slice_smem[];
-  // One slot per block of the cluster for each exchange, and the warps' partials.
-  __shared__ RowMax max_slots[kMaxClusterBlocks];
-  __shared__ RowSums sums_slots[kMaxClusterBlocks];
-  __shared__ RowMix mix_slots[kMaxClusterBlocks];
-  __shared__ Accepted accept_slots[kMaxClusterBlocks];
+  __shared__ ClusterExchange<RowMax> max_exchange;
+  __shared__ ClusterExchange<RowSums> sums_exchange;
+  __shared__ ClusterExchange<RowMix> mix_exchange;
+  __shared__ ClusterExchange<Accepted> accept_exchange;
   __shared__ float warp_max[kThreads / 32];
   __shared__ unsigned long long warp_zq[kThreads / 32];
-  __shared__ alignas(16) unsigned char scratch[kThreads / 32 * sizeof(RowSums)];
+  __shared__ ExchangeScratch<kThreads, sizeof(RowSums)> scratch;
+  int turn = 0;  // which scratch buffer the next exchange takes
+  if (threadIdx.x == 0) {
+    max_exchange.init(nblocks);
+    sums_exchange.init(nblocks);
+    if (kDiv != Divergence::kFKL && kDiv != Divergence::kRKL) mix_exchange.init(nblocks);
+    if (prm.gate == Gate::kSpec) accept_exchange.init(nblocks);
+  }
+  cluster_arrive_started();
   __shared__ uint64_t slice_arrived;
 
   // Pass 1: bring the slice in (once), tracking the maxima pairwise on the raw packs.
@@ -306,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const RowMax local{block_max_s, arg == INT_MAX ? INT_MAX : static_cast<int>(begin) + arg,
                      fmaxf(pack_max_t.value(), tail_max_t)};
   cluster_wait_started();
-  const RowMax rmax = cluster_allreduce_pushed(local, max_slots, reinterpret_cast<RowMax*>(scratch));
+  const RowMax rmax = max_exchange.allreduce<kThreads>(local, scratch.take<RowMax>(turn));
   const bool vec = cached || global_vec;
   const float inv_t = prm.inv_temperature;
 
@@ -356,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     for (int off = 16; off > 0; off >>= 1) wq += __shfl_xor_sync(0xffffffffu, wq, off);
     if (threadIdx.x % 32 == 0) warp_zq[threadIdx.x / 32] = wq;
   }
-  const RowSums rsum = cluster_allreduce_pushed(sums, sums_slots, reinterpret_cast<RowSums*>(scratch));
+  const RowSums rsum = sums_exchange.allreduce<kThreads>(sums, scratch.take<RowSums>(turn));
   // Base-2 log-sums relative to the maxima (the spec gate's sums carry no offset factor).
   const float lse_s2 = log2f(rsum.sum_s) - (spec ? 0.0f : off_s.err);
   const float lse_t2 = log2f(rsum.sum_t) - (spec ? 0.0f : off_t.err);
@@ -370,10 +340,10 @@ __global__ void __launch_bounds__(kThreads, 3)
   } else if (spec) {
     // The blocks' totals were pushed here: the masses before this block.
     unsigned long long block_start = 0;
-    for (int r = 0; r < rank; ++r) block_start += sums_slots[r].zq;
+    for (int r = 0; r < rank; ++r) block_start += sums_exchange.slots[r].zq;
     const bool mine = rsum.zq > 0 && spec_block_accepts(prm, row, rs, rt, len, vec, scale_q, scale_p, rsum.zq,
                                                          rsum.zp, block_start, warp_zq);
-    accepted = cluster_allreduce_pushed(Accepted{mine}, accept_slots, reinterpret_cast<Accepted*>(scratch)).any != 0;
+    accepted = accept_exchange.allreduce<kThreads>(Accepted{mine}, scratch.take<Accepted>(turn)).any != 0;
   }
 
   // Pass 3 (jsd / skl / srkl): D and sum_k q_k g_k need normalised p and q.
@@ -392,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, 3)
       mix.d += term.d;
       mix.g += q * term.g;
     });
-    const RowMix rmix = cluster_allreduce_pushed(mix, mix_slots, reinterpret_cast<RowMix*>(scratch));
+    const RowMix rmix = mix_exchange.allreduce<kThreads>(mix, scratch.take<RowMix>(turn));
     div_d = rmix.d;
     div_g = rmix.g;
   }
@@ -427,7 +397,7 @@ __global__ void __launch_bounds__(kThreads, 3)
       });
     }
   }
-  // No exchange remains, and none reads another block's memory: no final cluster barrier.
+  // Every exchange waited for all the pushes into this block, so it may exit without a barrier.
 }
 
 }  // namespace specx::speckd_cuda

@@ -1,0 +1,117 @@
+// Cluster-wide reductions of the cluster-per-row kernels (SpecKD, DeepKD). Each block pushes its
+// partial into every peer's shared memory with st.async, and the stores themselves complete the
+// receiver's mbarrier: a block waits only for the bytes it needs, with no cluster barrier and no
+// GPU-scope fence per exchange, and may exit as soon as it has them.
+#pragma once
+#include <cooperative_groups.h>
+
+#include <cstdint>
+
+#include "specx/reduce.cuh"
+
+namespace specx {
+
+// The most blocks a row's cluster has (16 needs the non-portable size).
+constexpr int kMaxClusterBlocks = 16;
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// The same shared-memory object in block `rank` of the cluster.
+__device__ __forceinline__ uint32_t peer_address(uint32_t local, unsigned rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(local), "r"(rank));
+  return out;
+}
+
+// Returns once phase 0 of the mbarrier at `bar` has completed (acquiring the peers' stores).
+__device__ __forceinline__ void wait_phase0(uint32_t bar) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar)
+        : "memory");
+  } while (!done);
+}
+
+// One reduction of a P over the cluster. Lives in shared memory; each is used at most once per
+// kernel (one mbarrier phase).
+template <typename P>
+struct ClusterExchange {
+  static_assert(sizeof(P) % 4 == 0, "pushed structs are made of 32-bit words");
+  P slots[kMaxClusterBlocks];  // slot r: block r's partial
+  uint64_t arrived;            // completes when all nblocks partials have landed
+
+  // Thread 0, before cluster_arrive_started. The expected bytes are posted at once, so the phase
+  // completes on the last peer's store whether or not this block has reached the exchange.
+  __device__ __forceinline__ void init(unsigned nblocks) {
+    const uint32_t bar = shared_address(&arrived);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
+                 "r"(static_cast<uint32_t>(nblocks * sizeof(P)))
+                 : "memory");
+  }
+
+  // The combination of every thread's `v` over the cluster, in every thread, bit-identical in every
+  // block (the slots are combined in rank order). `warp_scratch` holds one P per warp; consecutive
+  // exchanges must alternate between two such buffers (see ExchangeScratch).
+  template <int kThreads>
+  __device__ __forceinline__ P allreduce(P v, P* warp_scratch) {
+    namespace cg = cooperative_groups;
+    const unsigned nblocks = cg::this_cluster().num_blocks(), rank = cg::this_cluster().block_rank();
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = combine(v, shfl_xor_struct(v, off));
+    if (threadIdx.x % 32 == 0) warp_scratch[threadIdx.x / 32] = v;
+    __syncthreads();
+    if (threadIdx.x < nblocks) {  // lane r of warp 0 pushes to block r
+      P block = warp_scratch[0];
+#pragma unroll
+      for (int w = 1; w < kThreads / 32; ++w) block = combine(block, warp_scratch[w]);
+      const uint32_t dst = peer_address(shared_address(&slots[rank]), threadIdx.x);
+      const uint32_t bar = peer_address(shared_address(&arrived), threadIdx.x);
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(&block);
+#pragma unroll
+      for (int w = 0; w < static_cast<int>(sizeof(P) / 4); ++w) {
+        asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(dst + 4 * w),
+                     "r"(words[w]), "r"(bar)
+                     : "memory");
+      }
+    }
+    wait_phase0(shared_address(&arrived));
+    P acc = slots[0];
+    for (unsigned r = 1; r < nblocks; ++r) acc = combine(acc, slots[r]);
+    return acc;
+  }
+};
+
+// Two buffers of warp partials, taken in turn by a kernel's successive exchanges: warp 0 may
+// still read exchange i's partials after other warps have passed its wait, and exchange i + 1's
+// block barrier keeps them from writing exchange i + 2's until it has.
+template <int kThreads, int kBytes>
+struct ExchangeScratch {
+  alignas(16) unsigned char buffers[2][kThreads / 32 * kBytes];
+
+  template <typename P>
+  __device__ __forceinline__ P* take(int& turn) {
+    static_assert(sizeof(P) <= kBytes, "a warp partial must fit its scratch entry");
+    return reinterpret_cast<P*>(buffers[turn++ & 1]);
+  }
+};
+
+// Thread 0 first initialises the block's exchanges; every block then arrives here when it starts
+// (relaxed, after the release fence of the mbarrier inits), and waits in cluster_wait_started
+// before its first push, so no store lands in a block that has not started.
+__device__ __forceinline__ void cluster_arrive_started() {
+  if (threadIdx.x == 0) asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait_started() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+
+}  // namespace specx
