@@ -70,6 +70,12 @@ struct ClusterExchange {
     for (int off = 16; off > 0; off >>= 1) v = combine(v, shfl_xor_struct(v, off));
     if (threadIdx.x % 32 == 0) warp_scratch[threadIdx.x / 32] = v;
     __syncthreads();
+    if (nblocks == 1) {  // not a cluster launch, where st.async has no peer to address
+      P block = warp_scratch[0];
+#pragma unroll
+      for (int w = 1; w < kThreads / 32; ++w) block = combine(block, warp_scratch[w]);
+      return block;
+    }
     if (threadIdx.x < nblocks) {  // lane r of warp 0 pushes to block r
       P block = warp_scratch[0];
 #pragma unroll
