@@ -15,15 +15,16 @@ namespace {
 using speckd_cuda::kThreads;
 
 // Slices of at most 72 KB let three blocks share an SM, so one block's loads overlap the
-// arithmetic and cluster barriers of the others. Clusters of 16 (non-portable) were 1.6x
-// slower than 8 on the H200 at 8192 x 128256 (fewer whole clusters fit the GPCs), so 8 is the
-// default cap. SPECX_SPECKD_SLICE_KB and SPECX_SPECKD_MAX_CLUSTER override both for tuning.
+// arithmetic and cluster exchanges of the others. Clusters of 16 (non-portable) were 1.6x
+// slower than 8 on the H200 at 8192 x 128256 (fewer whole clusters fit the GPCs), so clusters
+// stop at the portable 8. SPECX_SPECKD_SLICE_KB and SPECX_SPECKD_MAX_CLUSTER (up to 8) override
+// both for tuning.
 int env_or(const char* name, int fallback) {
   const char* value = std::getenv(name);
   return value != nullptr && std::atoi(value) > 0 ? std::atoi(value) : fallback;
 }
 const int64_t kPreferredSliceBytes = int64_t{env_or("SPECX_SPECKD_SLICE_KB", 72)} * 1024;
-const int kMaxCluster = std::min(16, env_or("SPECX_SPECKD_MAX_CLUSTER", 8));
+const int kMaxCluster = std::min(kMaxClusterBlocks, env_or("SPECX_SPECKD_MAX_CLUSTER", kMaxClusterBlocks));
 
 template <typename T, typename TG, Divergence kDiv>
 cudaError_t launch_typed(const SpecKDParams& prm, cudaStream_t stream) {

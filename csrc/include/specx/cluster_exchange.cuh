@@ -11,8 +11,8 @@
 
 namespace specx {
 
-// The most blocks a row's cluster has (16 needs the non-portable size).
-constexpr int kMaxClusterBlocks = 16;
+// The most blocks a row's cluster has: the portable cluster size.
+constexpr int kMaxClusterBlocks = 8;
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -34,8 +34,12 @@ struct RowSums {
   float sum_t;
   float acc;  // sum of the unnormalised fkl / rkl integrand
   int count;  // teacher logits strictly above t[argmax s]
-  unsigned long long zq;  // spec gate: fixed-point masses of the student
-  unsigned long long zp;  // and of the teacher
+};
+// The spec gate's fixed-point masses of the student and the teacher: an exchange of their own, so
+// the other gates' sums and warp partials stay at 16 bytes (see the kernel's shared memory).
+struct SpecMasses {
+  unsigned long long zq;
+  unsigned long long zp;
 };
 struct RowMix {
   float d;
@@ -51,8 +55,9 @@ __device__ __forceinline__ RowMax combine(RowMax a, RowMax b) {
   return r;
 }
 __device__ __forceinline__ RowSums combine(RowSums a, RowSums b) {
-  return {a.sum_s + b.sum_s, a.sum_t + b.sum_t, a.acc + b.acc, a.count + b.count, a.zq + b.zq, a.zp + b.zp};
+  return {a.sum_s + b.sum_s, a.sum_t + b.sum_t, a.acc + b.acc, a.count + b.count};
 }
+__device__ __forceinline__ SpecMasses combine(SpecMasses a, SpecMasses b) { return {a.zq + b.zq, a.zp + b.zp}; }
 __device__ __forceinline__ RowMix combine(RowMix a, RowMix b) { return {a.d + b.d, a.g + b.g}; }
 
 // Outside the spec gate, a row's base-2 exponents are x * c - k in one multiply-add, with
@@ -215,20 +220,27 @@ __global__ void __launch_bounds__(kThreads, 3)
     return;
   }
 
+  // At vocab 151936 (bf16) three 74.2 KB slices share an SM only if everything else of a block
+  // fits in 832 bytes of static shared memory.
   extern __shared__ __align__(16) unsigned char slice_smem[];
   __shared__ ClusterExchange<RowMax> max_exchange;
   __shared__ ClusterExchange<RowSums> sums_exchange;
+  __shared__ ClusterExchange<SpecMasses> masses_exchange;
   __shared__ ClusterExchange<RowMix> mix_exchange;
   __shared__ ClusterExchange<Accepted> accept_exchange;
-  __shared__ float warp_max[kThreads / 32];
+  // The spec gate's per-warp student masses; before that, the warps' maxima (as floats).
   __shared__ unsigned long long warp_zq[kThreads / 32];
-  __shared__ ExchangeScratch<kThreads, sizeof(RowSums)> scratch;
+  __shared__ ExchangeScratch<kThreads, 16> scratch;
   int turn = 0;  // which scratch buffer the next exchange takes
+  const bool spec = prm.gate == Gate::kSpec;
   if (threadIdx.x == 0) {
     max_exchange.init(nblocks);
     sums_exchange.init(nblocks);
     if (kDiv != Divergence::kFKL && kDiv != Divergence::kRKL) mix_exchange.init(nblocks);
-    if (prm.gate == Gate::kSpec) accept_exchange.init(nblocks);
+    if (spec) {
+      masses_exchange.init(nblocks);
+      accept_exchange.init(nblocks);
+    }
   }
   cluster_arrive_started();
   __shared__ uint64_t slice_arrived;
@@ -270,7 +282,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   // The student argmax: the block's maximum first, then only the threads holding it look for its
   // lowest index among their own elements.
   const float thread_max_s = fmaxf(pack_max_s.value(), tail_max_s);
-  const float block_max_s = block_max_all(thread_max_s, warp_max);
+  const float block_max_s = block_max_all(thread_max_s, reinterpret_cast<float*>(warp_zq));
   const int arg =
       thread_max_s == block_max_s ? first_index_of<kThreads>(rs, len, global_vec, block_max_s) : INT_MAX;
   const RowMax local{block_max_s, arg == INT_MAX ? INT_MAX : static_cast<int>(begin) + arg,
@@ -287,10 +299,10 @@ __global__ void __launch_bounds__(kThreads, 3)
   const MassScale scale_q = mass_scale(rmax.max_s, inv_t), scale_p = mass_scale(rmax.max_t, inv_t);
   const float c = scale_q.c;  // log2(e) / T
   const ExpOffset off_s = exp_offset(rmax.max_s, c), off_t = exp_offset(rmax.max_t, c);
-  const bool spec = prm.gate == Gate::kSpec;
+  SpecMasses masses{0, 0};
   auto pass2 = [&](auto gate) {
     constexpr Gate kGate = decltype(gate)::value;
-    RowSums sums{0.0f, 0.0f, 0.0f, 0, 0, 0};
+    RowSums sums{0.0f, 0.0f, 0.0f, 0};
     // d: the exponents' difference, c ((t - max_t) - (s - max_s)) up to the offsets' errors.
     auto add = [&](float es, float et, float d) {
       sums.sum_s += es;
@@ -303,8 +315,8 @@ __global__ void __launch_bounds__(kThreads, 3)
       for_each_float_pair_by_warp(rs, rt, len, vec, [&](int, float s, float t) {
         const float ys = mass_exponent(s, scale_q), yt = mass_exponent(t, scale_p);
         add(fast_exp2(ys), fast_exp2(yt), yt - ys);
-        sums.zq += mass_of_exponent(ys);
-        sums.zp += mass_of_exponent(yt);
+        masses.zq += mass_of_exponent(ys);
+        masses.zp += mass_of_exponent(yt);
       });
     } else {
       // One multiply-add per exponent; their difference is c (dt - ds) + err_t - err_s, and the
@@ -321,12 +333,13 @@ __global__ void __launch_bounds__(kThreads, 3)
                        : prm.gate == Gate::kTopK ? pass2(std::integral_constant<Gate, Gate::kTopK>{})
                                                  : pass2(std::integral_constant<Gate, Gate::kNone>{});
   if (spec) {
-    unsigned long long wq = sums.zq;
+    unsigned long long wq = masses.zq;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) wq += __shfl_xor_sync(0xffffffffu, wq, off);
     if (threadIdx.x % 32 == 0) warp_zq[threadIdx.x / 32] = wq;
   }
   const RowSums rsum = sums_exchange.allreduce<kThreads>(sums, scratch.take<RowSums>(turn));
+  const SpecMasses rmass = spec ? masses_exchange.allreduce<kThreads>(masses, scratch.take<SpecMasses>(turn)) : masses;
   // Base-2 log-sums relative to the maxima (the spec gate's sums carry no offset factor).
   const float lse_s2 = log2f(rsum.sum_s) - (spec ? 0.0f : off_s.err);
   const float lse_t2 = log2f(rsum.sum_t) - (spec ? 0.0f : off_t.err);
@@ -340,9 +353,9 @@ __global__ void __launch_bounds__(kThreads, 3)
   } else if (spec) {
     // The blocks' totals were pushed here: the masses before this block.
     unsigned long long block_start = 0;
-    for (int r = 0; r < rank; ++r) block_start += sums_exchange.slots[r].zq;
-    const bool mine = rsum.zq > 0 && spec_block_accepts(prm, row, rs, rt, len, vec, scale_q, scale_p, rsum.zq,
-                                                         rsum.zp, block_start, warp_zq);
+    for (int r = 0; r < rank; ++r) block_start += masses_exchange.slots[r].zq;
+    const bool mine = rmass.zq > 0 && spec_block_accepts(prm, row, rs, rt, len, vec, scale_q, scale_p, rmass.zq,
+                                                          rmass.zp, block_start, warp_zq);
     accepted = accept_exchange.allreduce<kThreads>(Accepted{mine}, scratch.take<Accepted>(turn)).any != 0;
   }
 
