@@ -283,22 +283,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> speckd_loss(
                     "speckd: reduction must be one of mean, sum, accepted, none; got '", reduction, "'");
   const int64_t rows = student_logits.dim() >= 1 ? student_logits.numel() / std::max<int64_t>(1, student_logits.size(-1)) : 0;
   const auto fopts = student_logits.options().dtype(at::kFloat);
-  at::Tensor valid;
-  at::Tensor n_valid;
-  if (labels.has_value()) {
-    valid = labels->reshape({-1}).ne(ignore_index);
-    n_valid = valid.sum().to(at::kFloat);
-  } else {
-    n_valid = at::full({}, static_cast<double>(rows), fopts);
-  }
+  // Few ops: each is a launch on the GPU, and at small shapes they, not the row kernel, set the time.
+  // Which rows count: for the mean's divisor, and the accepted weights when rejected rows weigh.
+  const bool need_valid = labels.has_value() && (reduction == "mean" || (reduction == "accepted" && reject_weight != 0.0));
+  const at::Tensor valid = need_valid ? labels->reshape({-1}).ne(ignore_index) : at::Tensor();
   // "mean" knows its scale before the kernel runs, so the gradient comes out final.
   std::optional<at::Tensor> grad_scale;
-  if (reduction == "mean") grad_scale = n_valid.clamp_min(1.0).reciprocal();
+  if (reduction == "mean") {
+    const at::Tensor n_valid = valid.defined() ? at::sum(valid, at::kFloat) : at::full({}, static_cast<double>(rows), fopts);
+    grad_scale = n_valid.clamp_min(1.0).reciprocal();
+  }
   auto [row_div, row_acc, grad] = speckd_rows(student_logits, teacher_logits, labels, ignore_index, divergence, gate,
                                               k, reject_weight, temperature, mix, seed, 0, grad_scale, compute_grad,
                                               std::nullopt);
-  at::Tensor weight = row_acc.to(at::kFloat).mul(1.0 - reject_weight).add(reject_weight);
-  if (valid.defined()) weight = weight.mul(valid);
+  // Ignored rows come out with D = 0 and a = 0, so only "accepted" needs their weight zeroed.
+  at::Tensor weight = at::where(row_acc, 1.0, reject_weight).to(at::kFloat);
   const at::Tensor row_loss = weight.mul(row_div);
   at::Tensor loss;
   if (reduction == "none") {
@@ -306,8 +305,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> speckd_loss(
   } else if (reduction == "sum") {
     loss = row_loss.sum();
   } else if (reduction == "mean") {
-    loss = row_loss.sum().div(n_valid.clamp_min(1.0));
+    loss = row_loss.sum().mul(*grad_scale);
   } else {
+    if (valid.defined()) weight = weight.mul(valid);
     const at::Tensor total_weight = weight.sum();
     loss = at::where(total_weight.gt(0), row_loss.sum().div(total_weight.clamp_min(1e-30)), at::zeros({}, fopts));
   }

@@ -83,11 +83,10 @@ def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accept
     ignore_index, divergence, gate, k, reject_weight, temperature, mix, seed = ctx.row_args
     reduction = ctx.reduction
     rows = row_accepted.numel()
-    valid = valid_rows(labels, ignore_index, rows, student.device)
     if not ctx.stored_grad_fresh:
         kernel_scale = None
         if reduction == "mean":
-            kernel_scale = valid.sum().clamp_min(1.0).reciprocal()
+            kernel_scale = valid_rows(labels, ignore_index, rows, student.device).sum().clamp_min(1.0).reciprocal()
         _, _, grad = speckd_rows(student, teacher, labels, ignore_index, divergence, gate, k, reject_weight,
                                  temperature, mix, seed, 0, kernel_scale, True)
     ctx.stored_grad_fresh = False
@@ -96,7 +95,7 @@ def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accept
     if reduction == "none":
         scale = grad_loss.reshape(-1)
     elif reduction == "accepted":
-        weight = row_weights(row_accepted, valid, reject_weight)
+        weight = row_weights(row_accepted, valid_rows(labels, ignore_index, rows, student.device), reject_weight)
         total = weight.sum()
         scale = torch.where(total > 0, grad_loss / total.clamp_min(1e-30), torch.zeros_like(grad_loss))
     else:
