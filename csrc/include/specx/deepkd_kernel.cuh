@@ -23,15 +23,12 @@
 #include <cfloat>
 
 #include "specx/cluster_exchange.cuh"
-#include "specx/speckd_kernel.cuh"  // exp_norm, kLog2e
+#include "specx/exp2_offsets.cuh"
 #include "specx/topk_threshold_kernel.cuh"
 
 namespace specx::deepkd_cuda {
 
 namespace cg = cooperative_groups;
-using speckd_cuda::exp_norm;
-using speckd_cuda::ExpNorm;
-using speckd_cuda::kLog2e;
 using topk_cuda::key_of;
 
 constexpr int kThreads = topk_cuda::kThreads;

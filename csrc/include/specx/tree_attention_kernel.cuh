@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "specx/exp2_offsets.cuh"  // kLog2e, kLn2
 #include "specx/tree_attention.h"
 
 namespace specx::tree_attn_cuda {
@@ -42,9 +43,6 @@ using LargeTile = TileConfig<8, 2, 32, 3, 1>;
 using MediumTile = TileConfig<4, 2, 32, 2, 2>;
 // Decode and small trees: one m-tile per warp, two blocks per SM.
 using SmallTile = TileConfig<4, 1, 64, 2, 2>;
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // Q tile, then the K and V stages.
 template <typename Cfg, int kHeadDim>
