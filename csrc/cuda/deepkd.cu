@@ -10,7 +10,7 @@ namespace {
 
 // 64 KiB slices (both logits) let three blocks share an SM.
 constexpr int64_t kPreferredSliceBytes = 64 * 1024;
-constexpr int kMaxCluster = 8;  // the portable cluster size
+constexpr int kMaxCluster = kMaxClusterBlocks;  // the exchanges' slot arrays: the portable size
 
 }  // namespace
 
