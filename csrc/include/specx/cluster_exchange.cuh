@@ -8,38 +8,12 @@
 #include <cstdint>
 
 #include "specx/reduce.cuh"
+#include "specx/slice.cuh"  // shared_address, peer_address, wait_phase0
 
 namespace specx {
 
 // The most blocks a row's cluster has: the portable cluster size.
 constexpr int kMaxClusterBlocks = 8;
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// The same shared-memory object in block `rank` of the cluster.
-__device__ __forceinline__ uint32_t peer_address(uint32_t local, unsigned rank) {
-  uint32_t out;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(local), "r"(rank));
-  return out;
-}
-
-// Returns once phase 0 of the mbarrier at `bar` has completed (acquiring the peers' stores).
-__device__ __forceinline__ void wait_phase0(uint32_t bar) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(bar)
-        : "memory");
-  } while (!done);
-}
 
 // One reduction of a P over the cluster. Lives in shared memory; each is used at most once per
 // kernel (one mbarrier phase).
@@ -70,16 +44,15 @@ struct ClusterExchange {
     for (int off = 16; off > 0; off >>= 1) v = combine(v, shfl_xor_struct(v, off));
     if (threadIdx.x % 32 == 0) warp_scratch[threadIdx.x / 32] = v;
     __syncthreads();
-    if (nblocks == 1) {  // not a cluster launch, where st.async has no peer to address
+    auto block_value = [&] {
       P block = warp_scratch[0];
 #pragma unroll
       for (int w = 1; w < kThreads / 32; ++w) block = combine(block, warp_scratch[w]);
       return block;
-    }
+    };
+    if (nblocks == 1) return block_value();  // not a cluster launch, where st.async has no peer to address
     if (threadIdx.x < nblocks) {  // lane r of warp 0 pushes to block r
-      P block = warp_scratch[0];
-#pragma unroll
-      for (int w = 1; w < kThreads / 32; ++w) block = combine(block, warp_scratch[w]);
+      const P block = block_value();
       const uint32_t dst = peer_address(shared_address(&slots[rank]), threadIdx.x);
       const uint32_t bar = peer_address(shared_address(&arrived), threadIdx.x);
       const uint32_t* words = reinterpret_cast<const uint32_t*>(&block);
@@ -90,7 +63,7 @@ struct ClusterExchange {
                      : "memory");
       }
     }
-    wait_phase0(shared_address(&arrived));
+    wait_phase0<true>(shared_address(&arrived));
     P acc = slots[0];
     for (unsigned r = 1; r < nblocks; ++r) acc = combine(acc, slots[r]);
     return acc;

@@ -28,7 +28,6 @@
 
 namespace specx::deepkd_cuda {
 
-namespace cg = cooperative_groups;
 using topk_cuda::key_of;
 
 constexpr int kThreads = topk_cuda::kThreads;
@@ -174,13 +173,6 @@ __device__ __forceinline__ ExpSumAcc combine(ExpSumAcc x, ExpSumAcc y) {
 __device__ __forceinline__ RowSums combine(RowSums x, RowSums y) {
   return {combine(x.s1, y.s1), combine(x.nt_a, y.nt_a), combine(x.nt_b, y.nt_b), combine(x.k_a, y.k_a),
           combine(x.k_b, y.k_b)};
-}
-
-// exp_norm for 2^(x c - lse log2(e)): the product lse log2(e) split exactly into its rounded value
-// and its error, so a row's lse of any magnitude costs no accuracy.
-__device__ __forceinline__ ExpNorm exp_norm_of(float lse, float log2e, float scale) {
-  const float hi = __fmul_rn(lse, log2e);
-  return exp_norm(hi, fmaf(lse, log2e, -hi), scale);
 }
 
 __device__ __forceinline__ float log_add_exp(float x, float y) {

@@ -33,4 +33,11 @@ __device__ __forceinline__ ExpNorm exp_norm(float n_hi, float n_lo, float scale)
   return {k, scale * exp2f(-err)};
 }
 
+// exp_norm for 2^(x c - lse log2(e)): the product lse log2(e) split exactly into its rounded value
+// and its error, so a row's lse of any magnitude costs no accuracy.
+__device__ __forceinline__ ExpNorm exp_norm_of(float lse, float log2e, float scale) {
+  const float hi = __fmul_rn(lse, log2e);
+  return exp_norm(hi, fmaf(lse, log2e, -hi), scale);
+}
+
 }  // namespace specx

@@ -125,6 +125,47 @@ struct PackMax {
   }
 };
 
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// The same shared-memory object in block `rank` of the cluster.
+__device__ __forceinline__ uint32_t peer_address(uint32_t local, unsigned rank) {
+  uint32_t out;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(local), "r"(rank));
+  return out;
+}
+
+// Returns once phase 0 of the mbarrier at `bar` has completed, acquiring what completed it: at
+// cluster scope for other blocks' stores, at CTA scope for this block's bulk copies.
+template <bool kClusterScope>
+__device__ __forceinline__ void wait_phase0(uint32_t bar) {
+  uint32_t done;
+  do {
+    if constexpr (kClusterScope) {
+      asm volatile(
+          "{\n"
+          ".reg .pred p;\n"
+          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0;\n"
+          "selp.u32 %0, 1, 0, p;\n"
+          "}\n"
+          : "=r"(done)
+          : "r"(bar)
+          : "memory");
+    } else {
+      asm volatile(
+          "{\n"
+          ".reg .pred p;\n"
+          "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n"
+          "selp.u32 %0, 1, 0, p;\n"
+          "}\n"
+          : "=r"(done)
+          : "r"(bar)
+          : "memory");
+    }
+  } while (!done);
+}
+
 // The part of a row that this block of a cluster-per-row launch owns: row blockIdx.x / cluster
 // size, elements [begin, begin + len) of it.
 struct RowSlice {
@@ -296,7 +337,7 @@ __device__ __forceinline__ void bulk_load_slice_pair(const T* gs, const T* gt, T
   constexpr uint32_t kChunkBytes = 8192;  // per copy, spread over the lanes of warp 0
   const int nvec = len / kN;
   const uint32_t bytes = static_cast<uint32_t>(nvec) * 16u;
-  const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(arrived));
+  const uint32_t bar = shared_address(arrived);
   if (threadIdx.x == 0) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -312,7 +353,7 @@ __device__ __forceinline__ void bulk_load_slice_pair(const T* gs, const T* gt, T
       const uint32_t offset = (teacher ? c - chunks : c) * kChunkBytes;
       const uint32_t size = min(kChunkBytes, bytes - offset);
       const char* src = reinterpret_cast<const char*>(teacher ? gt : gs) + offset;
-      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(teacher ? ct : cs)) + offset;
+      const uint32_t dst = shared_address(teacher ? ct : cs) + offset;
       asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                    ::"r"(dst), "l"(src), "r"(size), "r"(bar)
                    : "memory");
@@ -322,14 +363,7 @@ __device__ __forceinline__ void bulk_load_slice_pair(const T* gs, const T* gt, T
     cs[i] = gs[i];
     ct[i] = gt[i];
   }
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "wait:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
-      "@!done bra wait;\n"
-      "}\n" ::"r"(bar)
-      : "memory");
+  wait_phase0<false>(bar);
 }
 
 // The lowest local index among this thread's elements of a load_slice_batches pass (the same

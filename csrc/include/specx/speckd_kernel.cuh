@@ -3,7 +3,6 @@
 // (read from HBM exactly once), the row statistics are combined across the cluster through
 // distributed shared memory, and the gradient is written straight from the cached slice.
 #pragma once
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -18,8 +17,6 @@
 #include "specx/speckd_gate.h"
 
 namespace specx::speckd_cuda {
-
-namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 

@@ -57,10 +57,7 @@ constexpr int kKeyBits = 8 * sizeof(T);
 // *addr += v in block `rank`'s copy of this block's shared variable at addr, without a return
 // value (the generic atomicAdd would wait for one).
 __device__ __forceinline__ void cluster_red_add(unsigned* addr, unsigned rank, unsigned v) {
-  uint32_t remote;
-  asm("mapa.shared::cluster.u32 %0, %1, %2;"
-      : "=r"(remote)
-      : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(addr))), "r"(rank));
+  const uint32_t remote = peer_address(shared_address(addr), rank);
   asm volatile("red.relaxed.cluster.shared::cluster.add.u32 [%0], %1;" ::"r"(remote), "r"(v) : "memory");
 }
 
