@@ -290,6 +290,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   __shared__ unsigned tie_count, warp_totals[kThreads / 32];
   __shared__ int tie_found;
   __shared__ Tie ties_listed[kTieCapacity];
+  __shared__ uint64_t slice_arrived;
 
   const float inv_t = 1.0f / prm.temperature;
   const float s_y = to_float(static_cast<const T*>(prm.student)[row * C + y]);
@@ -365,8 +366,92 @@ __global__ void __launch_bounds__(kThreads, 3)
       }
     });
   };
-  load_slice_batches<kThreads, kUnroll>(gs, gt, cs, ct, len, cached, global_vec, add_batch,
-                                        [&](int i, T s, T t) { add_class(i, to_float(s), to_float(t)); });
+  if (cached && global_vec) {
+    // The slice comes in by bulk copies; then each thread takes the maxima of its classes of N and
+    // sums under them, every exp one multiply-add around the maximum's rounded product (exp_offset;
+    // its exact error scales each sum once, at the end). The pack holding the target, the tail, and
+    // a thread whose logits reach 2^64 in magnitude take the per-class path instead.
+    bulk_load_slice_pair<kThreads>(gs, gt, cs, ct, len, &slice_arrived);
+    PackMax<T> pack_max_s, pack_max_t;
+    float other_max_s = -INFINITY, other_max_t = -INFINITY;
+    auto other_max = [&](int i, float s, float t) {
+      if (i == y_at) return;
+      other_max_s = fmaxf(other_max_s, s);
+      other_max_t = fmaxf(other_max_t, t);
+    };
+    for_each_pack_pair<kThreads>(
+        cs, ct, len, true,
+        [&](int v, const uint4& a, const uint4& b) {
+          if (v != y_pack) {
+            pack_max_s.add(a);
+            pack_max_t.add(b);
+            return;
+          }
+          float fs[kN], ft[kN];
+          pack_to_floats<T>(a, fs);
+          pack_to_floats<T>(b, ft);
+#pragma unroll
+          for (int e = 0; e < kN; ++e) other_max(v * kN + e, fs[e], ft[e]);
+        },
+        [&](int i, T s, T t) { other_max(i, to_float(s), to_float(t)); });
+    const float m_s = fmaxf(pack_max_s.value(), other_max_s), m_t = fmaxf(pack_max_t.value(), other_max_t);
+    const bool fast = fabsf(m_s) < 0x1p64f && fabsf(m_t) < 0x1p64f;  // false for an empty or all -inf N
+    const ExpOffset o1 = exp_offset(m_s, kLog2e), oa = exp_offset(m_s, c), ob = exp_offset(m_t, c);
+    float f1 = 0.0f, fa = 0.0f, fb = 0.0f, facc = 0.0f, fa_above = 0.0f, fb_above = 0.0f, facc_above = 0.0f;
+    auto per_class = [&](int v, const float (&fs)[kN], const float (&ft)[kN]) {
+#pragma unroll
+      for (int e = 0; e < kN; ++e) add_class(v * kN + e, fs[e], ft[e]);
+    };
+    for_each_pack_pair<kThreads>(
+        cs, ct, len, true,
+        [&](int v, const uint4& a, const uint4& b) {
+          float fs[kN], ft[kN];
+          pack_to_floats<T>(a, fs);
+          pack_to_floats<T>(b, ft);
+          if (!fast || v == y_pack) {
+            per_class(v, fs, ft);
+            return;
+          }
+#pragma unroll
+          for (int e = 0; e < kN; ++e) {
+            const float s = fs[e], t = ft[e];
+            const float e1 = fast_exp2(fmaf(s, kLog2e, -o1.k));
+            const float ea = fast_exp2(fmaf(s, c, -oa.k)), eb = fast_exp2(fmaf(t, c, -ob.k));
+            f1 += e1;
+            fa += ea;
+            fb += eb;
+            facc = fmaf(eb, t - s, facc);
+            if constexpr (kTopK) {
+              if (t > thr) {
+                fa_above += ea;
+                fb_above += eb;
+                facc_above = fmaf(eb, t - s, facc_above);
+              }
+              if (t == thr) list_tie(v * kN + e, s);
+            }
+          }
+        },
+        [&](int i, T s, T t) { add_class(i, to_float(s), to_float(t)); });
+    if (fast) {
+      // Into the running sums, which hold the per-class classes: exact sums under m_s, m_t first.
+      const float x1 = fast_exp2(-o1.err), xa = fast_exp2(-oa.err), xb = fast_exp2(-ob.err);
+      if (m_s > sums.s1.m) sums.s1.raise(m_s);
+      sums.s1.s = fmaf(f1 * x1, fast_exp2((m_s - sums.s1.m) * kLog2e), sums.s1.s);
+      if (m_s > nt_a.m) nt_a.raise(m_s, c);
+      const float ga = xa * fast_exp2((m_s - nt_a.m) * c);
+      nt_a.s = fmaf(fa, ga, nt_a.s);
+      nt_a.s_above = fmaf(fa_above, ga, nt_a.s_above);
+      if (m_t > nt_b.m) nt_b.raise(m_t, c);
+      const float gb = xb * fast_exp2((m_t - nt_b.m) * c);
+      nt_b.s = fmaf(fb, gb, nt_b.s);
+      nt_b.acc = fmaf(facc, gb, nt_b.acc);
+      nt_b.s_above = fmaf(fb_above, gb, nt_b.s_above);
+      nt_b.acc_above = fmaf(facc_above, gb, nt_b.acc_above);
+    }
+  } else {
+    load_slice_batches<kThreads, kUnroll>(gs, gt, cs, ct, len, cached, global_vec, add_batch,
+                                          [&](int i, T s, T t) { add_class(i, to_float(s), to_float(t)); });
+  }
   sums.nt_a = {nt_a.m * inv_t, nt_a.s};
   sums.nt_b = {nt_b.m * inv_t, nt_b.s, nt_b.acc};
   const T* rs = cached ? cs : gs;
