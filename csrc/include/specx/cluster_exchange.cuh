@@ -23,14 +23,11 @@ struct ClusterExchange {
   P slots[kMaxClusterBlocks];  // slot r: block r's partial
   uint64_t arrived;            // completes when all nblocks partials have landed
 
-  // Thread 0, before cluster_arrive_started. The expected bytes are posted at once, so the phase
-  // completes on the last peer's store whether or not this block has reached the exchange.
-  __device__ __forceinline__ void init(unsigned nblocks) {
-    const uint32_t bar = shared_address(&arrived);
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
-                 "r"(static_cast<uint32_t>(nblocks * sizeof(P)))
-                 : "memory");
+  // Thread 0, before cluster_arrive_started, so that no peer pushes into an uninitialised barrier.
+  // The expected bytes are posted only by allreduce: an exchange a kernel skips leaves no pending
+  // transaction behind (the peers' stores may land first; the phase still needs this block's arrival).
+  __device__ __forceinline__ void init() {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(&arrived)) : "memory");
   }
 
   // The combination of every thread's `v` over the cluster, in every thread, bit-identical in every
@@ -51,6 +48,11 @@ struct ClusterExchange {
       return block;
     };
     if (nblocks == 1) return block_value();  // not a cluster launch, where st.async has no peer to address
+    if (threadIdx.x == 0) {
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(&arrived)),
+                   "r"(static_cast<uint32_t>(nblocks * sizeof(P)))
+                   : "memory");
+    }
     if (threadIdx.x < nblocks) {  // lane r of warp 0 pushes to block r
       const P block = block_value();
       const uint32_t dst = peer_address(shared_address(&slots[rank]), threadIdx.x);

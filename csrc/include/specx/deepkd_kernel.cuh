@@ -280,10 +280,10 @@ __global__ void __launch_bounds__(kThreads, 3)
   __shared__ ExchangeScratch<kThreads, sizeof(RowSums)> scratch;
   int turn = 0;  // which scratch buffer the next exchange takes
   if (threadIdx.x == 0) {
-    sums_exchange.init(nblocks);
+    sums_exchange.init();
     if (kTopK) {
-      resummed_exchange.init(nblocks);
-      tie_exchange.init(nblocks);
+      resummed_exchange.init();
+      tie_exchange.init();
     }
   }
   cluster_arrive_started();

@@ -205,12 +205,12 @@ __global__ void __launch_bounds__(kThreads, 3)
   int turn = 0;  // which scratch buffer the next exchange takes
   const bool spec = prm.gate == Gate::kSpec;
   if (threadIdx.x == 0) {
-    max_exchange.init(nblocks);
-    sums_exchange.init(nblocks);
-    if (kDiv != Divergence::kFKL && kDiv != Divergence::kRKL) mix_exchange.init(nblocks);
+    max_exchange.init();
+    sums_exchange.init();
+    if (kDiv != Divergence::kFKL && kDiv != Divergence::kRKL) mix_exchange.init();
     if (spec) {
-      masses_exchange.init(nblocks);
-      accept_exchange.init(nblocks);
+      masses_exchange.init();
+      accept_exchange.init();
     }
   }
   cluster_arrive_started();
