@@ -88,6 +88,36 @@ def test_every_16_bit_value(device, dtype):
         assert torch.equal(threshold.cpu(), x.topk(k, dim=-1).values[:, -1])
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_one_block_per_row_kernel(dtype):
+    """16-bit rows of 16384 or more columns take the sampled one-block-per-row kernel: its every
+    path against the reference."""
+    gen = torch.Generator().manual_seed(1)
+    # Every non-NaN 16-bit value, shuffled into rows of 20000 and 20001 (odd: rows start unaligned).
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = bits[~bits.isnan()]
+    values = values[torch.randperm(values.numel(), generator=gen)]
+    # Outliers at every 128th element, where the sample looks: its range misses, and the row is read
+    # again for the exact coarse bin.
+    periodic = torch.randn(3, 40960, generator=gen)
+    periodic[:, ::128] += 100
+    cases = {
+        "every value": values[: 3 * 20000].reshape(3, 20000),
+        "every value, odd rows": values[: 3 * 20001].reshape(3, 20001),
+        "constant": torch.full((2, 50000), 1.5),
+        "two values": torch.randint(0, 2, (2, 70001), generator=gen).float(),
+        "sample misses": periodic,
+    }
+    for name, x in cases.items():
+        x = x.to(dtype)
+        cols = x.shape[-1]
+        for k in sorted({1, 2, 64, cols // 128, cols // 128 + 1, cols // 20, cols // 2, cols - 1, cols}):
+            threshold, count = check(x.cuda(), k)
+            cpu_threshold, cpu_count = torch.ops.specx.topk_threshold(x, k)
+            assert torch.equal(threshold.cpu(), cpu_threshold) and torch.equal(count.cpu(), cpu_count), (name, k)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous(device):
     x = torch.randn(40, 6, device=device).t()  # [6, 40], stride (1, 6)

@@ -4,6 +4,7 @@
 
 #include "specx/cluster_launch.cuh"
 #include "specx/topk_threshold_kernel.cuh"
+#include "specx/topk_threshold_row_kernel.cuh"
 
 namespace specx {
 namespace {
@@ -14,12 +15,31 @@ namespace {
 // select's fixed cost per row.
 constexpr int64_t kPreferredSliceBytes = 64 * 1024;
 constexpr int kMaxCluster = 8;  // the portable cluster size
+// 16-bit rows at least this long take the one-block-per-row kernel (its sample needs 1024 keys).
+constexpr int64_t kRowKernelMinCols = 16384;
+
+template <typename T>
+cudaError_t launch_row_kernel(const TopKThresholdParams& prm, cudaStream_t stream) {
+  auto* kernel = topk_cuda::topk_threshold_row_kernel<T>;
+  constexpr int smem = static_cast<int>(sizeof(topk_cuda::RowSelectShared));
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const int64_t grid = prm.rows < sms ? prm.rows : sms;  // one block per SM, each looping over rows
+  kernel<<<static_cast<unsigned>(grid), topk_cuda::kRowThreads, smem, stream>>>(prm);
+  return cudaSuccess;
+}
 
 }  // namespace
 
 int topk_threshold_cuda(const TopKThresholdParams& prm, void* stream) {
   return launch_by_dtype(prm.dtype, prm.rows, [&](auto zero) {
     using T = decltype(zero);
+    if constexpr (sizeof(T) == 2) {
+      if (prm.cols >= kRowKernelMinCols) return launch_row_kernel<T>(prm, static_cast<cudaStream_t>(stream));
+    }
     const SlicePlan plan = plan_row_slices(prm.cols, prm.rows, static_cast<int64_t>(sizeof(T)), 16 / sizeof(T),
                                            kPreferredSliceBytes, kMaxCachedSliceBytes, kMaxCluster);
     return launch_row_clusters(topk_cuda::topk_threshold_kernel<T>, prm.rows, plan, topk_cuda::kThreads,

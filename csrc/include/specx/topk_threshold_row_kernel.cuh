@@ -1,0 +1,268 @@
+// Top-k threshold of long rows of 16-bit keys (bf16, fp16): one block per row, one read of the row.
+//
+// A 16-bit key has 65536 values, so the k-th largest can be found from per-key counts without a
+// second pass over the row, as long as only the keys near it are counted. A sample (one 16-byte
+// pack in kSampleStride) is histogrammed by the key's top 11 bits; the sample ranks k / C * n +- 5
+// standard deviations bracket a range of those coarse bins. The one read of the row then counts
+// the keys above the range in registers and the keys inside it per key (shared-memory atomics,
+// for the few percent of keys in the range). When the k-th largest falls outside the range (a
+// sample that misleads, about one row in a million for shuffled data), the row is read again:
+// a full coarse histogram gives the exact bin, and the count is repeated over it.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "specx/slice.cuh"
+#include "specx/topk_threshold.h"
+#include "specx/topk_threshold_kernel.cuh"  // key_pair_of, value_of_key
+
+namespace specx::topk_cuda {
+
+constexpr int kRowThreads = 1024;
+constexpr int kRowWarps = kRowThreads / 32;
+constexpr int kCoarseBits = 11;
+constexpr int kFineBits = 16 - kCoarseBits;  // keys per coarse bin: 1 << kFineBits
+constexpr int kCoarseBins = 1 << kCoarseBits;
+constexpr int kMaxRange = 32768;    // the most keys counted one by one (128 KiB of counters)
+constexpr int kSampleStride = 16;   // one pack in 16 goes into the sample
+constexpr int kMinSampleKeys = 1024;  // fewer: skip the sample, take the exact coarse histogram
+constexpr int kRowUnroll = 4;       // 16-byte loads in flight per thread: 64 KiB per block
+
+struct RowSelectShared {
+  unsigned range_counts[kMaxRange];  // per key of the candidate range, zero between rows
+  unsigned coarse[kCoarseBins];      // per top-11-bit bin, zero between rows
+  unsigned warp_sums[2][kRowWarps];
+  unsigned found_bin, found_before;
+};
+
+struct RankHit {
+  unsigned bin;     // the bin holding the want-th largest key
+  unsigned before;  // keys in higher bins
+};
+
+// The bin of the want-th largest key (1 <= want <= total) among n counters in ascending key order,
+// n a multiple of 32 * kRowWarps. Warp w scans the w-th block of bins from the top, its lanes on
+// consecutive words (no bank conflicts). Called by the whole block; ends with a barrier.
+__device__ __forceinline__ RankHit find_rank(const unsigned* bins, int n, unsigned want, RowSelectShared& sh) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int per_warp = n / kRowWarps;
+  const int base = n - (warp + 1) * per_warp;
+  unsigned mine = 0;
+  for (int c = lane; c < per_warp; c += 32) mine += bins[base + c];
+  const unsigned warp_total = __reduce_add_sync(~0u, mine);
+  if (lane == 0) sh.warp_sums[0][warp] = warp_total;
+  __syncthreads();
+  unsigned before = 0;
+  for (int w = 0; w < warp; ++w) before += sh.warp_sums[0][w];
+  if (before < want && want <= before + warp_total) {  // one warp: walk its chunks of 32 bins from the top
+    for (int c0 = per_warp - 32; c0 >= 0; c0 -= 32) {
+      const unsigned v = bins[base + c0 + lane];
+      const unsigned chunk = __reduce_add_sync(~0u, v);
+      if (before + chunk >= want) {
+        unsigned upper = v;  // this lane's bin and the chunk's higher ones
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const unsigned u = __shfl_down_sync(~0u, upper, off);
+          if (lane + off < 32) upper += u;
+        }
+        if (before + upper - v < want && want <= before + upper) {
+          sh.found_bin = static_cast<unsigned>(base + c0 + lane);
+          sh.found_before = before + upper - v;
+        }
+        break;
+      }
+      before += chunk;
+    }
+  }
+  __syncthreads();
+  return {sh.found_bin, sh.found_before};
+}
+
+// Sums of two per-thread counts over the block, in every thread. Ends with a barrier.
+__device__ __forceinline__ uint2 block_sum2(unsigned a, unsigned b, RowSelectShared& sh) {
+  const int warp = threadIdx.x / 32;
+  a = __reduce_add_sync(~0u, a);
+  b = __reduce_add_sync(~0u, b);
+  if (threadIdx.x % 32 == 0) {
+    sh.warp_sums[0][warp] = a;
+    sh.warp_sums[1][warp] = b;
+  }
+  __syncthreads();
+  uint2 s{0, 0};
+  for (int w = 0; w < kRowWarps; ++w) {
+    s.x += sh.warp_sums[0][w];
+    s.y += sh.warp_sums[1][w];
+  }
+  __syncthreads();
+  return s;
+}
+
+// A row as its unaligned head, its 16-byte packs and its tail.
+template <typename T>
+struct RowView {
+  const T* x;
+  int head;  // elements before the first 16-byte boundary
+  int packs;
+  int64_t tail_from;
+  int64_t len;
+
+  __device__ RowView(const T* row, int64_t n) : x(row), len(n) {
+    const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(row) % 16) / static_cast<int>(sizeof(T));
+    const int64_t to_boundary = misalign == 0 ? 0 : static_cast<int64_t>(16 / sizeof(T)) - misalign;
+    head = static_cast<int>(to_boundary < n ? to_boundary : n);
+    packs = static_cast<int>((n - head) / 8);
+    tail_from = head + 8ll * packs;
+  }
+  __device__ const uint4* pack_ptr() const { return reinterpret_cast<const uint4*>(x + head); }
+  // f(key) on the elements outside the packs.
+  template <typename F>
+  __device__ void for_each_loose_key(F&& f) const {
+    for (int64_t i = threadIdx.x; i < head; i += kRowThreads) f(key_of(x[i]));
+    for (int64_t i = tail_from + threadIdx.x; i < len; i += kRowThreads) f(key_of(x[i]));
+  }
+};
+
+// The coarse histogram of every `stride`-th pack (stride 1: every element of the row). Returns
+// the keys counted.
+template <typename T>
+__device__ __forceinline__ unsigned coarse_histogram(const RowView<T>& row, int stride, unsigned* coarse) {
+  const uint4* packs = row.pack_ptr();
+  const int n = (row.packs + stride - 1) / stride;
+  auto add = [&](uint32_t key) { atomicAdd(&coarse[key >> kFineBits], 1u); };
+  for (int s = threadIdx.x; s < n; s += kRowThreads) {
+    const uint4 p = __ldg(packs + static_cast<int64_t>(s) * stride);
+    const uint32_t words[4] = {p.x, p.y, p.z, p.w};
+#pragma unroll
+    for (const uint32_t w : words) {
+      const uint32_t keys = key_pair_of(w);
+      add(keys & 0xFFFFu);
+      add(keys >> 16);
+    }
+  }
+  if (stride == 1) {
+    row.for_each_loose_key(add);
+    return static_cast<unsigned>(row.len);
+  }
+  return 8u * n;
+}
+
+// One read of the row: keys above [lo, lo + span) counted in the result's x, keys inside it
+// counted per key into range_counts[key - lo] and in the result's y (per thread).
+template <typename T>
+__device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo, uint32_t span, unsigned* range_counts) {
+  const uint32_t above_from = lo + span;
+  unsigned above = 0, inside = 0;
+  auto add = [&](uint32_t key) {
+    above += key >= above_from;
+    if (key - lo < span) {
+      atomicAdd(&range_counts[key - lo], 1u);
+      ++inside;
+    }
+  };
+  const uint4* packs = row.pack_ptr();
+  for (int base = threadIdx.x; base < row.packs; base += kRowUnroll * kRowThreads) {
+    uint4 a[kRowUnroll];
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) {
+      if (base + u * kRowThreads < row.packs) a[u] = __ldcs(packs + base + u * kRowThreads);
+    }
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) {
+      if (base + u * kRowThreads >= row.packs) break;
+      uint32_t keys[8], hits = 0;
+      const uint32_t words[4] = {a[u].x, a[u].y, a[u].z, a[u].w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t pair = key_pair_of(words[w]);
+        keys[2 * w] = pair & 0xFFFFu;
+        keys[2 * w + 1] = pair >> 16;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        above += keys[j] >= above_from;
+        hits |= (keys[j] - lo < span ? 1u : 0u) << j;
+      }
+      // The pack's keys inside the range, one atomic each; a few percent of keys, so the loop
+      // runs once or twice per warp where a branch per key would diverge at almost every key.
+      while (hits != 0) {
+        const int j = __ffs(hits) - 1;
+        hits &= hits - 1;
+        uint32_t key = keys[0];
+#pragma unroll
+        for (int q = 1; q < 8; ++q) key = q == j ? keys[q] : key;
+        atomicAdd(&range_counts[key - lo], 1u);
+        ++inside;
+      }
+    }
+  }
+  row.for_each_loose_key(add);
+  return {above, inside};
+}
+
+// Zeroes counters [0, n) (n a multiple of 4) and waits for the block.
+__device__ __forceinline__ void clear_counts(unsigned* counts, int n) {
+  for (int i = threadIdx.x; i < n / 4; i += kRowThreads) reinterpret_cast<uint4*>(counts)[i] = make_uint4(0, 0, 0, 0);
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads, 1) topk_threshold_row_kernel(const TopKThresholdParams prm) {
+  static_assert(sizeof(T) == 2, "16-bit keys");
+  extern __shared__ __align__(16) unsigned char row_smem[];
+  RowSelectShared& sh = *reinterpret_cast<RowSelectShared*>(row_smem);
+  clear_counts(sh.range_counts, kMaxRange);
+  clear_counts(sh.coarse, kCoarseBins);
+  const int64_t C = prm.cols;
+  const unsigned k = static_cast<unsigned>(prm.k);
+  for (int64_t r = blockIdx.x; r < prm.rows; r += gridDim.x) {
+    const RowView<T> row(static_cast<const T*>(prm.logits) + r * C, C);
+    uint32_t bin_lo, bin_hi;  // the candidate coarse bins
+    const unsigned sampled = row.packs / kSampleStride >= kMinSampleKeys / 8
+                                 ? coarse_histogram(row, kSampleStride, sh.coarse)
+                                 : 0u;
+    if (sampled != 0) {
+      __syncthreads();
+      // Sample ranks (1-based, from the top) bracketing the k-th largest of the row.
+      const float p = static_cast<float>(k) / static_cast<float>(C);
+      const float mid = p * sampled, margin = 5.0f * sqrtf(sampled * p * (1.0f - p)) + 2.0f;
+      const float rank_hi = floorf(mid - margin), rank_lo = ceilf(mid + margin);
+      bin_hi = rank_hi >= 1.0f ? find_rank(sh.coarse, kCoarseBins, static_cast<unsigned>(rank_hi), sh).bin
+                               : kCoarseBins - 1;
+      bin_lo = rank_lo <= static_cast<float>(sampled)
+                   ? find_rank(sh.coarse, kCoarseBins, static_cast<unsigned>(rank_lo), sh).bin
+                   : 0;
+    } else {
+      coarse_histogram(row, 1, sh.coarse);
+      __syncthreads();
+      bin_lo = bin_hi = find_rank(sh.coarse, kCoarseBins, k, sh).bin;
+    }
+    clear_counts(sh.coarse, kCoarseBins);
+    for (;;) {  // at most twice: the sampled range, then the exact bin
+      const uint32_t hi_end = (bin_hi + 1) << kFineBits;
+      const uint32_t span = min(hi_end - (bin_lo << kFineBits), static_cast<uint32_t>(kMaxRange));
+      const uint32_t lo = hi_end - span;
+      const uint2 mine = count_range(row, lo, span, sh.range_counts);
+      __syncthreads();
+      const uint2 total = block_sum2(mine.x, mine.y, sh);  // keys above the range, inside it
+      const int counted = static_cast<int>((span + 32 * kRowWarps - 1) / (32 * kRowWarps) * (32 * kRowWarps));
+      if (total.x < k && k <= total.x + total.y) {
+        const RankHit hit = find_rank(sh.range_counts, counted, k - total.x, sh);
+        if (threadIdx.x == 0) {
+          static_cast<T*>(prm.threshold)[r] = value_of_key<T>(lo + hit.bin);
+          prm.count_greater[r] = static_cast<int64_t>(total.x) + hit.before;
+        }
+        clear_counts(sh.range_counts, counted);
+        break;
+      }
+      clear_counts(sh.range_counts, counted);
+      coarse_histogram(row, 1, sh.coarse);
+      __syncthreads();
+      bin_lo = bin_hi = find_rank(sh.coarse, kCoarseBins, k, sh).bin;
+      clear_counts(sh.coarse, kCoarseBins);
+    }
+  }
+}
+
+}  // namespace specx::topk_cuda
