@@ -28,11 +28,13 @@ constexpr int kCoarseBins = 1 << kCoarseBits;
 constexpr int kMaxRange = 32768;    // the most keys counted one by one (128 KiB of counters)
 constexpr int kSampleStride = 16;   // one pack in 16 goes into the sample
 constexpr int kMinSampleKeys = 1024;  // fewer: skip the sample, take the exact coarse histogram
-constexpr int kRowUnroll = 4;       // 16-byte loads in flight per thread: 64 KiB per block
+constexpr int kRowStages = 4;       // 16-byte copies per thread in the ring: 64 KiB per block
 
 struct RowSelectShared {
   unsigned range_counts[kMaxRange];  // per key of the candidate range, zero between rows
   unsigned coarse[kCoarseBins];      // per top-11-bit bin, zero between rows
+  uint4 sample[kRowThreads];         // the next row's first sample packs, copied in during this row's read
+  uint4 ring[kRowStages * kRowThreads];  // the row's packs on their way in (count_range)
   unsigned warp_sums[2][kRowWarps];
   unsigned found_bin, found_before;
 };
@@ -124,15 +126,32 @@ struct RowView {
   }
 };
 
-// The coarse histogram of every `stride`-th pack (stride 1: every element of the row). Returns
-// the keys counted.
 template <typename T>
-__device__ __forceinline__ unsigned coarse_histogram(const RowView<T>& row, int stride, unsigned* coarse) {
+__device__ __forceinline__ bool row_is_sampled(const RowView<T>& row) {
+  return row.packs / kSampleStride >= kMinSampleKeys / 8;
+}
+
+// Starts copying the sample's first kRowThreads packs (thread t: pack t) into `staging`.
+template <typename T>
+__device__ __forceinline__ void prefetch_sample(const RowView<T>& row, uint4* staging) {
+  const int n = (row.packs + kSampleStride - 1) / kSampleStride;
+  if (row_is_sampled(row) && static_cast<int>(threadIdx.x) < n) {
+    cp_async_16(shared_address(staging + threadIdx.x), row.pack_ptr() + static_cast<int64_t>(threadIdx.x) * kSampleStride);
+  }
+  cp_async_commit();
+}
+
+// The coarse histogram of every `stride`-th pack (stride 1: every element of the row); with
+// `staging`, the first kRowThreads of them come from prefetch_sample. Returns the keys counted.
+template <typename T>
+__device__ __forceinline__ unsigned coarse_histogram(const RowView<T>& row, int stride, unsigned* coarse,
+                                                     const uint4* staging = nullptr) {
   const uint4* packs = row.pack_ptr();
   const int n = (row.packs + stride - 1) / stride;
   auto add = [&](uint32_t key) { atomicAdd(&coarse[key >> kFineBits], 1u); };
+  if (staging != nullptr) cp_async_wait<0>();  // each thread reads only the pack it copied
   for (int s = threadIdx.x; s < n; s += kRowThreads) {
-    const uint4 p = __ldg(packs + static_cast<int64_t>(s) * stride);
+    const uint4 p = staging != nullptr && s < kRowThreads ? staging[s] : __ldg(packs + static_cast<int64_t>(s) * stride);
     const uint32_t words[4] = {p.x, p.y, p.z, p.w};
 #pragma unroll
     for (const uint32_t w : words) {
@@ -149,9 +168,13 @@ __device__ __forceinline__ unsigned coarse_histogram(const RowView<T>& row, int 
 }
 
 // One read of the row: keys above [lo, lo + span) counted in the result's x, keys inside it
-// counted per key into range_counts[key - lo] and in the result's y (per thread).
+// counted per key into range_counts[key - lo] and in the result's y (per thread). Each thread
+// streams its own packs (t, t + kRowThreads, ...) through its kRowStages slots of `ring` by
+// cp.async, so kRowStages - 1 copies stay in flight while it counts, without registers to hold
+// them and without a block barrier (a thread reads only the slots it filled).
 template <typename T>
-__device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo, uint32_t span, unsigned* range_counts) {
+__device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo, uint32_t span, unsigned* range_counts,
+                                             uint4* ring) {
   const uint32_t above_from = lo + span;
   unsigned above = 0, inside = 0;
   auto add = [&](uint32_t key) {
@@ -162,39 +185,42 @@ __device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo,
     }
   };
   const uint4* packs = row.pack_ptr();
-  for (int base = threadIdx.x; base < row.packs; base += kRowUnroll * kRowThreads) {
-    uint4 a[kRowUnroll];
+  uint4* slots = ring + threadIdx.x;  // slot s: slots[s * kRowThreads]
+  int next = threadIdx.x;             // the next pack to copy in
+  for (int s = 0; s < kRowStages; ++s, next += kRowThreads) {
+    if (next < row.packs) cp_async_16(shared_address(slots + s * kRowThreads), packs + next);
+    cp_async_commit();
+  }
+  for (int v = threadIdx.x, s = 0; v < row.packs; v += kRowThreads) {
+    cp_async_wait<kRowStages - 1>();  // this slot's copy has landed
+    const uint4 pack = slots[s * kRowThreads];
+    if (next < row.packs) cp_async_16(shared_address(slots + s * kRowThreads), packs + next);
+    cp_async_commit();
+    next += kRowThreads;
+    s = s + 1 == kRowStages ? 0 : s + 1;
+    uint32_t keys[8], hits = 0;
+    const uint32_t words[4] = {pack.x, pack.y, pack.z, pack.w};
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      if (base + u * kRowThreads < row.packs) a[u] = __ldcs(packs + base + u * kRowThreads);
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t pair = key_pair_of(words[w]);
+      keys[2 * w] = pair & 0xFFFFu;
+      keys[2 * w + 1] = pair >> 16;
     }
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      if (base + u * kRowThreads >= row.packs) break;
-      uint32_t keys[8], hits = 0;
-      const uint32_t words[4] = {a[u].x, a[u].y, a[u].z, a[u].w};
+    for (int j = 0; j < 8; ++j) {
+      above += keys[j] >= above_from;
+      hits |= (keys[j] - lo < span ? 1u : 0u) << j;
+    }
+    // The pack's keys inside the range, one atomic each; a few percent of keys, so the loop
+    // runs once or twice per warp where a branch per key would diverge at almost every key.
+    while (hits != 0) {
+      const int j = __ffs(hits) - 1;
+      hits &= hits - 1;
+      uint32_t key = keys[0];
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const uint32_t pair = key_pair_of(words[w]);
-        keys[2 * w] = pair & 0xFFFFu;
-        keys[2 * w + 1] = pair >> 16;
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        above += keys[j] >= above_from;
-        hits |= (keys[j] - lo < span ? 1u : 0u) << j;
-      }
-      // The pack's keys inside the range, one atomic each; a few percent of keys, so the loop
-      // runs once or twice per warp where a branch per key would diverge at almost every key.
-      while (hits != 0) {
-        const int j = __ffs(hits) - 1;
-        hits &= hits - 1;
-        uint32_t key = keys[0];
-#pragma unroll
-        for (int q = 1; q < 8; ++q) key = q == j ? keys[q] : key;
-        atomicAdd(&range_counts[key - lo], 1u);
-        ++inside;
-      }
+      for (int q = 1; q < 8; ++q) key = q == j ? keys[q] : key;
+      atomicAdd(&range_counts[key - lo], 1u);
+      ++inside;
     }
   }
   row.for_each_loose_key(add);
@@ -216,12 +242,12 @@ __global__ void __launch_bounds__(kRowThreads, 1) topk_threshold_row_kernel(cons
   clear_counts(sh.coarse, kCoarseBins);
   const int64_t C = prm.cols;
   const unsigned k = static_cast<unsigned>(prm.k);
+  const T* logits = static_cast<const T*>(prm.logits);
+  if (blockIdx.x < prm.rows) prefetch_sample(RowView<T>(logits + blockIdx.x * C, C), sh.sample);
   for (int64_t r = blockIdx.x; r < prm.rows; r += gridDim.x) {
-    const RowView<T> row(static_cast<const T*>(prm.logits) + r * C, C);
+    const RowView<T> row(logits + r * C, C);
     uint32_t bin_lo, bin_hi;  // the candidate coarse bins
-    const unsigned sampled = row.packs / kSampleStride >= kMinSampleKeys / 8
-                                 ? coarse_histogram(row, kSampleStride, sh.coarse)
-                                 : 0u;
+    const unsigned sampled = row_is_sampled(row) ? coarse_histogram(row, kSampleStride, sh.coarse, sh.sample) : 0u;
     if (sampled != 0) {
       __syncthreads();
       // Sample ranks (1-based, from the top) bracketing the k-th largest of the row.
@@ -239,11 +265,12 @@ __global__ void __launch_bounds__(kRowThreads, 1) topk_threshold_row_kernel(cons
       bin_lo = bin_hi = find_rank(sh.coarse, kCoarseBins, k, sh).bin;
     }
     clear_counts(sh.coarse, kCoarseBins);
+    if (r + gridDim.x < prm.rows) prefetch_sample(RowView<T>(logits + (r + gridDim.x) * C, C), sh.sample);
     for (;;) {  // at most twice: the sampled range, then the exact bin
       const uint32_t hi_end = (bin_hi + 1) << kFineBits;
       const uint32_t span = min(hi_end - (bin_lo << kFineBits), static_cast<uint32_t>(kMaxRange));
       const uint32_t lo = hi_end - span;
-      const uint2 mine = count_range(row, lo, span, sh.range_counts);
+      const uint2 mine = count_range(row, lo, span, sh.range_counts, sh.ring);
       __syncthreads();
       const uint2 total = block_sum2(mine.x, mine.y, sh);  // keys above the range, inside it
       const int counted = static_cast<int>((span + 32 * kRowWarps - 1) / (32 * kRowWarps) * (32 * kRowWarps));

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "specx/exp2_offsets.cuh"  // kLog2e, kLn2
+#include "specx/slice.cuh"         // shared_address, cp_async_16
 #include "specx/tree_attention.h"
 
 namespace specx::tree_attn_cuda {
@@ -52,20 +53,6 @@ constexpr int smem_bytes() {
 static_assert(smem_bytes<LargeTile, 128>() <= 227 * 1024);
 static_assert(MediumTile::kMinBlocks * (smem_bytes<MediumTile, 128>() + 1024) <= 228 * 1024);
 static_assert(SmallTile::kMinBlocks * (smem_bytes<SmallTile, 128>() + 1024) <= 228 * 1024);
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte copy; src_bytes == 0 fills the destination with zeros (keys past the end).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>  // waits until at most kPending of this thread's groups are in flight
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -320,7 +307,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
   constexpr int kOTiles = kHeadDim / 8;     // 8-wide column tiles of O
   constexpr uint32_t kTileBytes = kBlockN * kHeadDim * 2;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const uint32_t q_tile = smem_addr(smem_raw);                       // [kRows][kHeadDim]
+  const uint32_t q_tile = shared_address(smem_raw);                       // [kRows][kHeadDim]
   const uint32_t k_tiles = q_tile + Cfg::kRows * kHeadDim * 2;       // [kStages][kBlockN][kHeadDim]
   const uint32_t v_tiles = k_tiles + kStages * kTileBytes;           // [kStages][kBlockN][kHeadDim]
 
