@@ -7,7 +7,8 @@
 // the keys above the range in registers and the keys inside it per key (shared-memory atomics,
 // for the few percent of keys in the range). When the k-th largest falls outside the range (a
 // sample that misleads, about one row in a million for shuffled data), the row is read again:
-// a full coarse histogram gives the exact bin, and the count is repeated over it.
+// a full coarse histogram gives the exact bin, and the count is repeated over it. The next row's
+// sample is copied in (cp.async) while this row is read.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,13 +29,12 @@ constexpr int kCoarseBins = 1 << kCoarseBits;
 constexpr int kMaxRange = 32768;    // the most keys counted one by one (128 KiB of counters)
 constexpr int kSampleStride = 16;   // one pack in 16 goes into the sample
 constexpr int kMinSampleKeys = 1024;  // fewer: skip the sample, take the exact coarse histogram
-constexpr int kRowStages = 4;       // 16-byte copies per thread in the ring: 64 KiB per block
+constexpr int kRowUnroll = 4;       // 16-byte loads in flight per thread: 64 KiB per block
 
 struct RowSelectShared {
   unsigned range_counts[kMaxRange];  // per key of the candidate range, zero between rows
   unsigned coarse[kCoarseBins];      // per top-11-bit bin, zero between rows
   uint4 sample[kRowThreads];         // the next row's first sample packs, copied in during this row's read
-  uint4 ring[kRowStages * kRowThreads];  // the row's packs on their way in (count_range)
   unsigned warp_sums[2][kRowWarps];
   unsigned found_bin, found_before;
 };
@@ -168,13 +168,9 @@ __device__ __forceinline__ unsigned coarse_histogram(const RowView<T>& row, int 
 }
 
 // One read of the row: keys above [lo, lo + span) counted in the result's x, keys inside it
-// counted per key into range_counts[key - lo] and in the result's y (per thread). Each thread
-// streams its own packs (t, t + kRowThreads, ...) through its kRowStages slots of `ring` by
-// cp.async, so kRowStages - 1 copies stay in flight while it counts, without registers to hold
-// them and without a block barrier (a thread reads only the slots it filled).
+// counted per key into range_counts[key - lo] and in the result's y (per thread).
 template <typename T>
-__device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo, uint32_t span, unsigned* range_counts,
-                                             uint4* ring) {
+__device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo, uint32_t span, unsigned* range_counts) {
   const uint32_t above_from = lo + span;
   unsigned above = 0, inside = 0;
   auto add = [&](uint32_t key) {
@@ -185,42 +181,39 @@ __device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo,
     }
   };
   const uint4* packs = row.pack_ptr();
-  uint4* slots = ring + threadIdx.x;  // slot s: slots[s * kRowThreads]
-  int next = threadIdx.x;             // the next pack to copy in
-  for (int s = 0; s < kRowStages; ++s, next += kRowThreads) {
-    if (next < row.packs) cp_async_16(shared_address(slots + s * kRowThreads), packs + next);
-    cp_async_commit();
-  }
-  for (int v = threadIdx.x, s = 0; v < row.packs; v += kRowThreads) {
-    cp_async_wait<kRowStages - 1>();  // this slot's copy has landed
-    const uint4 pack = slots[s * kRowThreads];
-    if (next < row.packs) cp_async_16(shared_address(slots + s * kRowThreads), packs + next);
-    cp_async_commit();
-    next += kRowThreads;
-    s = s + 1 == kRowStages ? 0 : s + 1;
-    uint32_t keys[8], hits = 0;
-    const uint32_t words[4] = {pack.x, pack.y, pack.z, pack.w};
+  for (int base = threadIdx.x; base < row.packs; base += kRowUnroll * kRowThreads) {
+    uint4 a[kRowUnroll];
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      const uint32_t pair = key_pair_of(words[w]);
-      keys[2 * w] = pair & 0xFFFFu;
-      keys[2 * w + 1] = pair >> 16;
+    for (int u = 0; u < kRowUnroll; ++u) {
+      if (base + u * kRowThreads < row.packs) a[u] = __ldcs(packs + base + u * kRowThreads);
     }
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      above += keys[j] >= above_from;
-      hits |= (keys[j] - lo < span ? 1u : 0u) << j;
-    }
-    // The pack's keys inside the range, one atomic each; a few percent of keys, so the loop
-    // runs once or twice per warp where a branch per key would diverge at almost every key.
-    while (hits != 0) {
-      const int j = __ffs(hits) - 1;
-      hits &= hits - 1;
-      uint32_t key = keys[0];
+    for (int u = 0; u < kRowUnroll; ++u) {
+      if (base + u * kRowThreads >= row.packs) break;
+      uint32_t keys[8], hits = 0;
+      const uint32_t words[4] = {a[u].x, a[u].y, a[u].z, a[u].w};
 #pragma unroll
-      for (int q = 1; q < 8; ++q) key = q == j ? keys[q] : key;
-      atomicAdd(&range_counts[key - lo], 1u);
-      ++inside;
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t pair = key_pair_of(words[w]);
+        keys[2 * w] = pair & 0xFFFFu;
+        keys[2 * w + 1] = pair >> 16;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        above += keys[j] >= above_from;
+        hits |= (keys[j] - lo < span ? 1u : 0u) << j;
+      }
+      // The pack's keys inside the range, one atomic each; a few percent of keys, so the loop
+      // runs once or twice per warp where a branch per key would diverge at almost every key.
+      while (hits != 0) {
+        const int j = __ffs(hits) - 1;
+        hits &= hits - 1;
+        uint32_t key = keys[0];
+#pragma unroll
+        for (int q = 1; q < 8; ++q) key = q == j ? keys[q] : key;
+        atomicAdd(&range_counts[key - lo], 1u);
+        ++inside;
+      }
     }
   }
   row.for_each_loose_key(add);
@@ -270,7 +263,7 @@ __global__ void __launch_bounds__(kRowThreads, 1) topk_threshold_row_kernel(cons
       const uint32_t hi_end = (bin_hi + 1) << kFineBits;
       const uint32_t span = min(hi_end - (bin_lo << kFineBits), static_cast<uint32_t>(kMaxRange));
       const uint32_t lo = hi_end - span;
-      const uint2 mine = count_range(row, lo, span, sh.range_counts, sh.ring);
+      const uint2 mine = count_range(row, lo, span, sh.range_counts);
       __syncthreads();
       const uint2 total = block_sum2(mine.x, mine.y, sh);  // keys above the range, inside it
       const int counted = static_cast<int>((span + 32 * kRowWarps - 1) / (32 * kRowWarps) * (32 * kRowWarps));
