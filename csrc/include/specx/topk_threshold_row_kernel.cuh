@@ -6,7 +6,8 @@
 // standard deviations bracket a range of those coarse bins. The one read of the row then counts
 // the keys above the range in registers and the keys inside it per key (shared-memory atomics,
 // for the few percent of keys in the range). When the k-th largest falls outside the range (a
-// sample that misleads, about one row in a million for shuffled data), the row is read again:
+// sample that misleads: rare for rows in no particular order, with 5 standard deviations of
+// margin; certain for rows built against the stride), the row is read again:
 // a full coarse histogram gives the exact bin, and the count is repeated over it. The next row's
 // sample is copied in (cp.async) while this row is read.
 #pragma once
