@@ -18,17 +18,29 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 // 16-bit rows at least this long take the one-block-per-row kernel (its sample needs 1024 keys).
 constexpr int64_t kRowKernelMinCols = 16384;
 
+constexpr int kRowKernelSmem = static_cast<int>(sizeof(topk_cuda::RowSelectShared));
+
+// Whether the current device gives a block the row kernel's 152 KB of shared memory (H100 / H200
+// and A100 do; GPUs with 99 KB per block keep the cluster kernel).
+bool row_kernel_fits() {
+  int device = 0, per_block = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+         per_block >= kRowKernelSmem;
+}
+
 template <typename T>
 cudaError_t launch_row_kernel(const TopKThresholdParams& prm, cudaStream_t stream) {
   auto* kernel = topk_cuda::topk_threshold_row_kernel<T>;
-  constexpr int smem = static_cast<int>(sizeof(topk_cuda::RowSelectShared));
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRowKernelSmem);
+  }
   if (err != cudaSuccess) return err;
   const int64_t grid = prm.rows < sms ? prm.rows : sms;  // one block per SM, each looping over rows
-  kernel<<<static_cast<unsigned>(grid), topk_cuda::kRowThreads, smem, stream>>>(prm);
+  kernel<<<static_cast<unsigned>(grid), topk_cuda::kRowThreads, kRowKernelSmem, stream>>>(prm);
   return cudaSuccess;
 }
 
@@ -38,7 +50,9 @@ int topk_threshold_cuda(const TopKThresholdParams& prm, void* stream) {
   return launch_by_dtype(prm.dtype, prm.rows, [&](auto zero) {
     using T = decltype(zero);
     if constexpr (sizeof(T) == 2) {
-      if (prm.cols >= kRowKernelMinCols) return launch_row_kernel<T>(prm, static_cast<cudaStream_t>(stream));
+      if (prm.cols >= kRowKernelMinCols && row_kernel_fits()) {
+        return launch_row_kernel<T>(prm, static_cast<cudaStream_t>(stream));
+      }
     }
     const SlicePlan plan = plan_row_slices(prm.cols, prm.rows, static_cast<int64_t>(sizeof(T)), 16 / sizeof(T),
                                            kPreferredSliceBytes, kMaxCachedSliceBytes, kMaxCluster);

@@ -137,7 +137,8 @@ template <typename T>
 __device__ __forceinline__ void prefetch_sample(const RowView<T>& row, uint4* staging) {
   const int n = (row.packs + kSampleStride - 1) / kSampleStride;
   if (row_is_sampled(row) && static_cast<int>(threadIdx.x) < n) {
-    cp_async_16(shared_address(staging + threadIdx.x), row.pack_ptr() + static_cast<int64_t>(threadIdx.x) * kSampleStride);
+    const uint4* pack = row.pack_ptr() + static_cast<int64_t>(threadIdx.x) * kSampleStride;
+    cp_async_16(shared_address(staging + threadIdx.x), pack);
   }
   cp_async_commit();
 }
@@ -152,7 +153,8 @@ __device__ __forceinline__ unsigned coarse_histogram(const RowView<T>& row, int 
   auto add = [&](uint32_t key) { atomicAdd(&coarse[key >> kFineBits], 1u); };
   if (staging != nullptr) cp_async_wait<0>();  // each thread reads only the pack it copied
   for (int s = threadIdx.x; s < n; s += kRowThreads) {
-    const uint4 p = staging != nullptr && s < kRowThreads ? staging[s] : __ldg(packs + static_cast<int64_t>(s) * stride);
+    const uint4 p =
+        staging != nullptr && s < kRowThreads ? staging[s] : __ldg(packs + static_cast<int64_t>(s) * stride);
     const uint32_t words[4] = {p.x, p.y, p.z, p.w};
 #pragma unroll
     for (const uint32_t w : words) {
@@ -171,7 +173,8 @@ __device__ __forceinline__ unsigned coarse_histogram(const RowView<T>& row, int 
 // One read of the row: keys above [lo, lo + span) counted in the result's x, keys inside it
 // counted per key into range_counts[key - lo] and in the result's y (per thread).
 template <typename T>
-__device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo, uint32_t span, unsigned* range_counts) {
+__device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo, uint32_t span,
+                                             unsigned* range_counts) {
   const uint32_t above_from = lo + span;
   unsigned above = 0, inside = 0;
   auto add = [&](uint32_t key) {
