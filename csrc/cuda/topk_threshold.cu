@@ -20,24 +20,21 @@ constexpr int64_t kRowKernelMinCols = 16384;
 
 constexpr int kRowKernelSmem = static_cast<int>(sizeof(topk_cuda::RowSelectShared));
 
-// Whether the current device gives a block the row kernel's 152 KB of shared memory (H100 / H200
-// and A100 do; GPUs with 99 KB per block keep the cluster kernel).
-bool row_kernel_fits() {
-  int device = 0, per_block = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-         per_block >= kRowKernelSmem;
+// The current device's SM count, or 0 where it cannot give a block the row kernel's 152 KB of
+// shared memory (H100 / H200 and A100 can; GPUs with 99 KB per block keep the cluster kernel).
+int row_kernel_sms() {
+  int device = 0, per_block = 0, sms = 0;
+  const bool queried =
+      cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess;
+  return queried && per_block >= kRowKernelSmem ? sms : 0;
 }
 
 template <typename T>
-cudaError_t launch_row_kernel(const TopKThresholdParams& prm, cudaStream_t stream) {
+cudaError_t launch_row_kernel(const TopKThresholdParams& prm, int sms, cudaStream_t stream) {
   auto* kernel = topk_cuda::topk_threshold_row_kernel<T>;
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRowKernelSmem);
-  }
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRowKernelSmem);
   if (err != cudaSuccess) return err;
   const int64_t grid = prm.rows < sms ? prm.rows : sms;  // one block per SM, each looping over rows
   kernel<<<static_cast<unsigned>(grid), topk_cuda::kRowThreads, kRowKernelSmem, stream>>>(prm);
@@ -50,9 +47,8 @@ int topk_threshold_cuda(const TopKThresholdParams& prm, void* stream) {
   return launch_by_dtype(prm.dtype, prm.rows, [&](auto zero) {
     using T = decltype(zero);
     if constexpr (sizeof(T) == 2) {
-      if (prm.cols >= kRowKernelMinCols && row_kernel_fits()) {
-        return launch_row_kernel<T>(prm, static_cast<cudaStream_t>(stream));
-      }
+      const int sms = prm.cols >= kRowKernelMinCols ? row_kernel_sms() : 0;
+      if (sms > 0) return launch_row_kernel<T>(prm, sms, static_cast<cudaStream_t>(stream));
     }
     const SlicePlan plan = plan_row_slices(prm.cols, prm.rows, static_cast<int64_t>(sizeof(T)), 16 / sizeof(T),
                                            kPreferredSliceBytes, kMaxCachedSliceBytes, kMaxCluster);
