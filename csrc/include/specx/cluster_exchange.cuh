@@ -24,7 +24,7 @@ struct ClusterExchange {
   uint64_t arrived;            // completes when all nblocks partials have landed
 
   // Thread 0, before cluster_arrive_started, so that no peer pushes into an uninitialised barrier.
-  // The expected bytes are posted only by allreduce: an exchange a kernel skips leaves no pending
+  // The expected bytes are posted only by push: an exchange a kernel skips leaves no pending
   // transaction behind (the peers' stores may land first; the phase still needs this block's arrival).
   __device__ __forceinline__ void init() {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(&arrived)) : "memory");
@@ -35,26 +35,55 @@ struct ClusterExchange {
   // exchanges must alternate between two such buffers (see ExchangeScratch).
   template <int kThreads>
   __device__ __forceinline__ P allreduce(P v, P* warp_scratch) {
-    namespace cg = cooperative_groups;
-    const unsigned nblocks = cg::this_cluster().num_blocks(), rank = cg::this_cluster().block_rank();
+    gather_warps(v, warp_scratch);
+    if (num_blocks() == 1) return block_value<kThreads>(warp_scratch);  // not a cluster launch, where st.async has no peer to address
+    send<kThreads>(warp_scratch);
+    return combine_slots();
+  }
+
+  // allreduce in two halves, so that two exchanges make one round trip: push both, then wait for
+  // both. What push leaves for wait is the block's value where the block is the whole cluster, in
+  // registers (a later push may overwrite the warp partials before this wait).
+  struct Sent {
+    P local;
+  };
+  template <int kThreads>
+  __device__ __forceinline__ Sent push(P v, P* warp_scratch) {
+    gather_warps(v, warp_scratch);
+    if (num_blocks() == 1) return {block_value<kThreads>(warp_scratch)};
+    send<kThreads>(warp_scratch);
+    return {v};
+  }
+  __device__ __forceinline__ P wait(const Sent& sent) { return num_blocks() == 1 ? sent.local : combine_slots(); }
+
+ private:
+  static __device__ __forceinline__ unsigned num_blocks() { return cooperative_groups::this_cluster().num_blocks(); }
+
+  // Each warp's combination into warp_scratch, then a block barrier.
+  static __device__ __forceinline__ void gather_warps(P v, P* warp_scratch) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v = combine(v, shfl_xor_struct(v, off));
     if (threadIdx.x % 32 == 0) warp_scratch[threadIdx.x / 32] = v;
     __syncthreads();
-    auto block_value = [&] {
-      P block = warp_scratch[0];
+  }
+  template <int kThreads>
+  static __device__ __forceinline__ P block_value(const P* warp_scratch) {
+    P block = warp_scratch[0];
 #pragma unroll
-      for (int w = 1; w < kThreads / 32; ++w) block = combine(block, warp_scratch[w]);
-      return block;
-    };
-    if (nblocks == 1) return block_value();  // not a cluster launch, where st.async has no peer to address
+    for (int w = 1; w < kThreads / 32; ++w) block = combine(block, warp_scratch[w]);
+    return block;
+  }
+  // Lane r of warp 0 stores the block's value into block r's slot, completing r's barrier.
+  template <int kThreads>
+  __device__ __forceinline__ void send(const P* warp_scratch) {
+    const unsigned nblocks = num_blocks(), rank = cooperative_groups::this_cluster().block_rank();
     if (threadIdx.x == 0) {
       asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(&arrived)),
                    "r"(static_cast<uint32_t>(nblocks * sizeof(P)))
                    : "memory");
     }
-    if (threadIdx.x < nblocks) {  // lane r of warp 0 pushes to block r
-      const P block = block_value();
+    if (threadIdx.x < nblocks) {
+      const P block = block_value<kThreads>(warp_scratch);
       const uint32_t dst = peer_address(shared_address(&slots[rank]), threadIdx.x);
       const uint32_t bar = peer_address(shared_address(&arrived), threadIdx.x);
       const uint32_t* words = reinterpret_cast<const uint32_t*>(&block);
@@ -65,6 +94,9 @@ struct ClusterExchange {
                      : "memory");
       }
     }
+  }
+  __device__ __forceinline__ P combine_slots() {
+    const unsigned nblocks = num_blocks();
     wait_phase0<true>(shared_address(&arrived));
     P acc = slots[0];
     for (unsigned r = 1; r < nblocks; ++r) acc = combine(acc, slots[r]);

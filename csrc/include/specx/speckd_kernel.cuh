@@ -309,8 +309,12 @@ __global__ void __launch_bounds__(kThreads, 3)
     for (int off = 16; off > 0; off >>= 1) wq += __shfl_xor_sync(0xffffffffu, wq, off);
     if (threadIdx.x % 32 == 0) warp_zq[threadIdx.x / 32] = wq;
   }
-  const RowSums rsum = sums_exchange.allreduce<kThreads>(sums, scratch.take<RowSums>(turn));
-  const SpecMasses rmass = spec ? masses_exchange.allreduce<kThreads>(masses, scratch.take<SpecMasses>(turn)) : masses;
+  // The spec gate's masses go out before waiting for the sums: one round trip for both.
+  const auto sums_sent = sums_exchange.push<kThreads>(sums, scratch.take<RowSums>(turn));
+  const auto masses_sent = spec ? masses_exchange.push<kThreads>(masses, scratch.take<SpecMasses>(turn))
+                                : decltype(masses_exchange)::Sent{masses};
+  const RowSums rsum = sums_exchange.wait(sums_sent);
+  const SpecMasses rmass = spec ? masses_exchange.wait(masses_sent) : masses;
   // Base-2 log-sums relative to the maxima (the spec gate's sums carry no offset factor).
   const float lse_s2 = log2f(rsum.sum_s) - (spec ? 0.0f : off_s.err);
   const float lse_t2 = log2f(rsum.sum_t) - (spec ? 0.0f : off_t.err);
