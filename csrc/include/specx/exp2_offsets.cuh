@@ -20,6 +20,14 @@ __device__ __forceinline__ ExpOffset exp_offset(float vmax, float c) {
   return {k, fmaf(vmax, c, -k)};
 }
 
+// n_hi + n_lo as k + err, k rounded and err exact (two-sum): x c - n_hi - n_lo is then
+// fmaf(x, c, -k) - err, one multiply-add and one add with the constant's rounding kept.
+__device__ __forceinline__ ExpOffset exp_split(float n_hi, float n_lo) {
+  const float k = __fadd_rn(n_hi, n_lo);
+  const float hi_part = __fsub_rn(k, n_lo);
+  return {k, __fadd_rn(__fsub_rn(n_hi, hi_part), __fsub_rn(n_lo, __fsub_rn(k, hi_part)))};
+}
+
 // 2^(x c - n_hi - n_lo) = scale * 2^(x c - k) with k = n_hi + n_lo rounded, so each element costs
 // one multiply-add and one exp while the rounding of k is kept in the row constant `scale`.
 struct ExpNorm {
@@ -27,10 +35,8 @@ struct ExpNorm {
   float scale;
 };
 __device__ __forceinline__ ExpNorm exp_norm(float n_hi, float n_lo, float scale) {
-  const float k = __fadd_rn(n_hi, n_lo);
-  const float hi_part = __fsub_rn(k, n_lo);  // two-sum: err = n_hi + n_lo - k exactly
-  const float err = __fadd_rn(__fsub_rn(n_hi, hi_part), __fsub_rn(n_lo, __fsub_rn(k, hi_part)));
-  return {k, scale * exp2f(-err)};
+  const ExpOffset split = exp_split(n_hi, n_lo);
+  return {split.k, scale * exp2f(-split.err)};
 }
 
 // exp_norm for 2^(x c - lse log2(e)): the product lse log2(e) split exactly into its rounded value

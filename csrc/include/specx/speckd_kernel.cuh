@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cfloat>
 #include <climits>
 #include <type_traits>
 
@@ -37,9 +38,10 @@ struct SpecMasses {
   unsigned long long zq;
   unsigned long long zp;
 };
+// Pass 3's two sums u and v (see MixtureBase2).
 struct RowMix {
-  float d;
-  float g;
+  float u;
+  float v;
 };
 
 __device__ __forceinline__ RowMax combine(RowMax a, RowMax b) {
@@ -54,7 +56,7 @@ __device__ __forceinline__ RowSums combine(RowSums a, RowSums b) {
   return {a.sum_s + b.sum_s, a.sum_t + b.sum_t, a.acc + b.acc, a.count + b.count};
 }
 __device__ __forceinline__ SpecMasses combine(SpecMasses a, SpecMasses b) { return {a.zq + b.zq, a.zp + b.zp}; }
-__device__ __forceinline__ RowMix combine(RowMix a, RowMix b) { return {a.d + b.d, a.g + b.g}; }
+__device__ __forceinline__ RowMix combine(RowMix a, RowMix b) { return {a.u + b.u, a.v + b.v}; }
 
 // for_each_pair_by_warp with the values converted to float.
 template <typename T, typename F>
@@ -169,6 +171,64 @@ struct Accepted {
   int any;
 };
 __device__ __forceinline__ Accepted combine(Accepted a, Accepted b) { return {a.any | b.any}; }
+
+// jsd / skl / srkl in base 2. Per element, lq2 = log2 q and lp2 = log2 p cost a multiply-add and an
+// add each, lm2 = log2 m one lg2 (m = w_p p + w_q q, the mixture; srkl swaps the weights), and ln 2 is
+// applied to the row sums. Pass 3 sums u and v, from which the row's D and G = sum_j q_j g_j follow:
+//   jsd:  u = sum p (lp2 - lm2), v = sum q (lq2 - lm2);  D = ln2 (w_p u + w_q v);  G = w_q ln2 v
+//   skl:  u = sum p (lp2 - lm2), v = sum q p / m;        D = ln2 u;                G = -w_q v
+//   srkl: u = sum q (lq2 - lm2), v = sum q q / m;        D = ln2 u;                G = ln2 u - w_q v
+// m is kept at least FLT_MIN, so an element with p = q = 0 adds nothing.
+template <Divergence kDiv>
+struct MixtureBase2 {
+  float c;           // log2(e) / T
+  ExpOffset kq, kp;  // lq2 = fmaf(s, c, -kq.k) - kq.err, lp2 likewise
+  float wp, wq;
+
+  struct Point {
+    float lq2, lp2, q, p, m;
+  };
+  __device__ __forceinline__ Point at(float s, float t) const {
+    Point x;
+    x.lq2 = fmaf(s, c, -kq.k) - kq.err;
+    x.lp2 = fmaf(t, c, -kp.k) - kp.err;
+    x.q = fast_exp2(x.lq2);
+    x.p = fast_exp2(x.lp2);
+    x.m = fmaxf(fmaf(wp, x.p, wq * x.q), FLT_MIN);
+    return x;
+  }
+  __device__ __forceinline__ RowMix sums_term(float s, float t) const {
+    const Point x = at(s, t);
+    const float lm2 = fast_log2(x.m);
+    if constexpr (kDiv == Divergence::kJSD) {
+      return {x.p * (x.lp2 - lm2), x.q * (x.lq2 - lm2)};
+    } else if constexpr (kDiv == Divergence::kSKL) {
+      const float dp = x.lp2 - lm2;
+      return {x.p * dp, x.q * fast_exp2(dp)};
+    } else {
+      const float dq = x.lq2 - lm2;
+      return {x.q * dq, x.q * fast_exp2(dq)};
+    }
+  }
+  // The row's {D, G} from the cluster's sums.
+  __device__ __forceinline__ RowMix row(RowMix uv) const {
+    if constexpr (kDiv == Divergence::kJSD) return {kLn2 * (wp * uv.u + wq * uv.v), wq * kLn2 * uv.v};
+    if constexpr (kDiv == Divergence::kSKL) return {kLn2 * uv.u, -wq * uv.v};
+    return {kLn2 * uv.u, kLn2 * uv.u - wq * uv.v};
+  }
+  // d D / d s_j times T: q_j (g_j - G).
+  __device__ __forceinline__ float grad(float s, float t, float g_row) const {
+    const Point x = at(s, t);
+    float g;
+    if constexpr (kDiv == Divergence::kSKL) {
+      g = -wq * x.p * fast_rcp(x.m);
+    } else {
+      const float dq = x.lq2 - fast_log2(x.m);
+      g = kDiv == Divergence::kJSD ? wq * kLn2 * dq : fmaf(kLn2, dq, -wq * fast_exp2(dq));
+    }
+    return x.q * (g - g_row);
+  }
+};
 
 // T: the logits' dtype; TG: the gradient's (T, or bf16 / fp16 for fp32 logits).
 template <typename T, typename TG, Divergence kDiv>
@@ -336,23 +396,21 @@ __global__ void __launch_bounds__(kThreads, 3)
 
   // Pass 3 (jsd / skl / srkl): D and sum_k q_k g_k need normalised p and q.
   float div_d, div_g = 0.0f;
+  const float mix_wp = kDiv == Divergence::kSRKL ? 1.0f - prm.mix : prm.mix;
+  const MixtureBase2<kDiv> mixture{c, exp_split(off_s.k, off_s.err + lse_s2), exp_split(off_t.k, off_t.err + lse_t2),
+                                   mix_wp, 1.0f - mix_wp};
   if constexpr (kDiv == Divergence::kFKL) {
     div_d = kLn2 * (rsum.acc / rsum.sum_t - err_d) + lse_s - lse_t;
   } else if constexpr (kDiv == Divergence::kRKL) {
     div_d = kLn2 * (rsum.acc / rsum.sum_s + err_d) + lse_t - lse_s;
     div_g = div_d;
   } else {
-    RowMix mix{0.0f, 0.0f};
-    for_each_float_pair<kThreads>(rs, rt, len, vec, [&](int, float s, float t) {
-      const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
-      const float q = fast_exp2(lq * kLog2e), p = fast_exp2(lp * kLog2e);
-      const DivergenceTerms<float> term = mixture_terms<float>(kDiv, prm.mix, lp, lq, p, q);
-      mix.d += term.d;
-      mix.g += q * term.g;
-    });
-    const RowMix rmix = mix_exchange.allreduce<kThreads>(mix, scratch.take<RowMix>(turn));
-    div_d = rmix.d;
-    div_g = rmix.g;
+    RowMix uv{0.0f, 0.0f};
+    for_each_float_pair<kThreads>(rs, rt, len, vec,
+                                  [&](int, float s, float t) { uv = combine(uv, mixture.sums_term(s, t)); });
+    const RowMix dg = mixture.row(mix_exchange.allreduce<kThreads>(uv, scratch.take<RowMix>(turn)));
+    div_d = dg.u;
+    div_g = dg.v;
   }
 
   if (rank == 0 && threadIdx.x == 0) {
@@ -373,14 +431,11 @@ __global__ void __launch_bounds__(kThreads, 3)
       write_grad(grad, rs, rt, len, vec && global_vec, [&](float s, float t) {
         if constexpr (kDiv == Divergence::kFKL) {
           return fmaf(nq.scale, fast_exp2(fmaf(s, c, -nq.k)), -np.scale * fast_exp2(fmaf(t, c, -np.k)));
-        } else {
+        } else if constexpr (kDiv == Divergence::kRKL) {
           const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
-          const float q = fast_exp2(lq * kLog2e), p = fast_exp2(lp * kLog2e);
-          if constexpr (kDiv == Divergence::kRKL) {
-            return coef * q * (lq - lp - div_g);
-          } else {
-            return coef * q * (mixture_terms<float>(kDiv, prm.mix, lp, lq, p, q).g - div_g);
-          }
+          return coef * fast_exp2(lq * kLog2e) * (lq - lp - div_g);
+        } else {
+          return coef * mixture.grad(s, t, div_g);
         }
       });
     }
