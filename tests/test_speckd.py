@@ -242,6 +242,18 @@ def test_cpu_and_cuda_gates_agree(dtype, vocab):
 
 
 @requires_cuda
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_cpu_and_cuda_spec_gates_agree_for_peaked_students(k):
+    # A peaked student puts most proposals in one warp's chunk; k = 40 takes two rounds of draws.
+    student, teacher, labels = make_logits(64, 50257, torch.bfloat16, "cpu", seed=k)
+    student = (student.float() * 4).bfloat16()
+    args = (-100, "fkl", "spec", k, 0.0, 1.0, 0.5, 7, 0, None, False)
+    acc_c = torch.ops.specx.speckd_rows(student, teacher, labels, *args)[1]
+    acc_g = torch.ops.specx.speckd_rows(student.cuda(), teacher.cuda(), labels.cuda(), *args)[1]
+    assert torch.equal(acc_c, acc_g.cpu())
+
+
+@requires_cuda
 def test_cuda_large_rows_all_paths():
     # fp32 at vocab 262144 needs more shared memory than a cluster has: the uncached path.
     for dtype, vocab in [(torch.float32, 262144), (torch.bfloat16, 262144), (torch.float32, 100003)]:

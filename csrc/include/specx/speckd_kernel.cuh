@@ -65,64 +65,58 @@ __device__ __forceinline__ void for_each_float_pair_by_warp(const T* s, const T*
 }
 
 // The spec gate's proposals that land in this block's slice (student masses from block_start on,
-// warp_zq[w] of them in warp w's chunk): true in a thread that accepted one. Each proposal is
-// located by its warp, one round of 32 units at a time.
+// warp_zq[w] of them in warp w's chunk): true in a thread that accepted one. Each warp walks its
+// chunk once, 32 units a round, for all the proposals in it; the lane whose unit holds one walks
+// that unit's elements.
 template <typename T>
 __device__ bool spec_block_accepts(const SpecKDParams& prm, int64_t row, const T* rs, const T* rt, int len, bool vec,
                                    MassScale scale_q, MassScale scale_p, unsigned long long zq, unsigned long long zp,
                                    unsigned long long block_start, const unsigned long long* warp_zq) {
-  constexpr int kWarps = kThreads / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  unsigned long long block_zq = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) block_zq += warp_zq[w];
+  unsigned long long warp_from = block_start;
+  for (int w = 0; w < warp; ++w) warp_from += warp_zq[w];
+  const WarpChunk c = warp_chunk<kThreads, T>(len, vec, warp);
+  const int units = c.units();
   bool accepted = false;
   for (int i0 = 0; i0 < prm.k; i0 += 32) {
-    // Lane j draws proposal i0 + j once for the warp.
+    // Lane j draws proposal i0 + j once for the warp; `rel`: its mass into this warp's chunk.
     const ProposalDraw draw = proposal_draw(prm.seed, static_cast<uint64_t>(prm.row_offset + row), i0 + lane);
-    const unsigned long long lane_target = proposal_target(draw.pick, zq);
-    const int count = min(32, prm.k - i0);
-    for (int j = 0; j < count; ++j) {
-      const unsigned long long target = __shfl_sync(0xffffffffu, lane_target, j);
-      const double coin = __shfl_sync(0xffffffffu, draw.coin, j);
-      if (target < block_start || target - block_start >= block_zq) continue;
-      unsigned long long rel = target - block_start;
-      int owner = 0;
-      while (rel >= warp_zq[owner]) rel -= warp_zq[owner++];
-      if (owner != warp) continue;
-      const WarpChunk c = warp_chunk<kThreads, T>(len, vec, warp);
-      const int units = c.units();
-      unsigned long long base = 0;
-      for (int u0 = 0; u0 < units; u0 += 32) {
-        unsigned long long mass = 0;
-        if (u0 + lane < units)
-          visit_unit(rs, rt, c, u0 + lane, [&](int, T s, T) { mass += spec_mass(to_float(s), scale_q); });
-        unsigned long long incl = mass;
+    const unsigned long long rel = proposal_target(draw.pick, zq) - warp_from;
+    unsigned pending = __ballot_sync(0xffffffffu, i0 + lane < prm.k && rel < warp_zq[warp]);
+    unsigned long long base = 0;
+    for (int u0 = 0; pending != 0 && u0 < units; u0 += 32) {
+      unsigned long long mass = 0;
+      if (u0 + lane < units)
+        visit_unit(rs, rt, c, u0 + lane, [&](int, T s, T) { mass += spec_mass(to_float(s), scale_q); });
+      unsigned long long incl = mass;
 #pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const unsigned long long up = __shfl_up_sync(0xffffffffu, incl, off);
-          if (lane >= off) incl += up;
-        }
-        const unsigned long long round = __shfl_sync(0xffffffffu, incl, 31);
-        if (rel >= base + round) {
-          base += round;
-          continue;
-        }
-        // The first lane whose inclusive prefix passes rel holds the proposal.
-        if (lane == __ffs(__ballot_sync(0xffffffffu, rel < base + incl)) - 1) {
+      for (int off = 1; off < 32; off <<= 1) {
+        const unsigned long long up = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += up;
+      }
+      const unsigned long long round = __shfl_sync(0xffffffffu, incl, 31);
+      unsigned hits = __ballot_sync(0xffffffffu, (pending >> lane & 1u) != 0 && rel < base + round);
+      pending &= ~hits;
+      while (hits != 0) {
+        const int j = __ffs(hits) - 1;
+        hits &= hits - 1;
+        const unsigned long long target = __shfl_sync(0xffffffffu, rel, j);
+        const double coin = __shfl_sync(0xffffffffu, draw.coin, j);
+        // The first lane whose inclusive prefix passes the target holds the proposal.
+        if (lane == __ffs(__ballot_sync(0xffffffffu, target < base + incl)) - 1) {
           unsigned long long run = base + incl - mass;
           const int a = c.lo + (u0 + lane) * c.unit, b = min(c.hi, a + c.unit);
           for (int x = a; x < b; ++x) {
             const uint32_t q_mass = spec_mass(to_float(rs[x]), scale_q);
             run += q_mass;
-            if (run > rel) {
+            if (run > target) {
               accepted |= proposal_accepted(coin, spec_mass(to_float(rt[x]), scale_p), zp, q_mass, zq);
               break;
             }
           }
         }
-        break;
       }
+      base += round;
     }
   }
   return accepted;
@@ -178,7 +172,8 @@ __device__ __forceinline__ Accepted combine(Accepted a, Accepted b) { return {a.
 //   jsd:  u = sum p (lp2 - lm2), v = sum q (lq2 - lm2);  D = ln2 (w_p u + w_q v);  G = w_q ln2 v
 //   skl:  u = sum p (lp2 - lm2), v = sum q p / m;        D = ln2 u;                G = -w_q v
 //   srkl: u = sum q (lq2 - lm2), v = sum q q / m;        D = ln2 u;                G = ln2 u - w_q v
-// m is kept at least FLT_MIN, so an element with p = q = 0 adds nothing.
+// m is kept at least FLT_MIN, so an element with p = q = 0 adds nothing. rkl's gradient takes its
+// exponents from here too.
 template <Divergence kDiv>
 struct MixtureBase2 {
   float c;           // log2(e) / T
@@ -432,8 +427,8 @@ __global__ void __launch_bounds__(kThreads, 3)
         if constexpr (kDiv == Divergence::kFKL) {
           return fmaf(nq.scale, fast_exp2(fmaf(s, c, -nq.k)), -np.scale * fast_exp2(fmaf(t, c, -np.k)));
         } else if constexpr (kDiv == Divergence::kRKL) {
-          const float lq = (s - rmax.max_s) * inv_t - lse_s, lp = (t - rmax.max_t) * inv_t - lse_t;
-          return coef * fast_exp2(lq * kLog2e) * (lq - lp - div_g);
+          const auto x = mixture.at(s, t);  // its exponents; p and m go unused
+          return coef * x.q * fmaf(kLn2, x.lq2 - x.lp2, -div_g);
         } else {
           return coef * mixture.grad(s, t, div_g);
         }
