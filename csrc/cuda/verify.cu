@@ -200,10 +200,28 @@ __device__ void cluster_sample(uint64_t target, const RowSlice& sl, int64_t voca
   }
 }
 
-// top-p's histogram: mass per key, one shared atomic per run of equal keys (a thread's
-// weights often share a bin, which would otherwise serialise the atomics).
+// top-p's histogram of masses over one kHistBins x 8-byte buffer: each bin's 64-bit sum is kept
+// as a low and a high 32-bit word, so every update is a native shared atomic (a 64-bit atomicAdd
+// on shared memory is a compare-and-swap loop, which spins on the many updates a popular bin gets).
+struct MassHist {
+  unsigned* words;  // lo[kHistBins], then hi[kHistBins]
+  __device__ explicit MassHist(unsigned long long* buffer) : words(reinterpret_cast<unsigned*>(buffer)) {}
+  __device__ void add(int bin, uint64_t mass) const {
+    const unsigned lo = static_cast<unsigned>(mass), hi = static_cast<unsigned>(mass >> 32);
+    const unsigned before = atomicAdd(&words[bin], lo);
+    const unsigned carry = before + lo < before ? 1u : 0u;  // this add wrapped the low word
+    if (hi + carry != 0) atomicAdd(&words[kHistBins + bin], hi + carry);
+  }
+  static __device__ uint64_t read(const unsigned long long* buffer, int bin) {
+    const unsigned* w = reinterpret_cast<const unsigned*>(buffer);
+    return (static_cast<uint64_t>(w[kHistBins + bin]) << 32) + w[bin];
+  }
+};
+
+// Adds masses to a MassHist, one update per run of equal keys (a thread's weights often share a
+// bin).
 struct MassRun {
-  unsigned long long* hist;
+  MassHist hist;
   int key;
   unsigned long long mass;
   __device__ void add(int k, uint64_t w) {
@@ -214,7 +232,7 @@ struct MassRun {
     mass += w;
   }
   __device__ void flush() {
-    if (mass > 0) atomicAdd(&hist[key], mass);
+    if (mass > 0) hist.add(key, mass);
     mass = 0;
   }
 };
@@ -241,7 +259,7 @@ __device__ void top_p_select(const uint64_t* w, int len, uint64_t need, unsigned
     if (bits >= 0) {
       for (int i = threadIdx.x; i < kHistBins; i += kSampleThreads) mine[i] = 0;
       __syncthreads();
-      MassRun run{mine, 0, 0};
+      MassRun run{MassHist(mine), 0, 0};
       for (int i = threadIdx.x; i < len; i += kSampleThreads) {
         const uint64_t x = w[i];
         if (x >= lo && ((x - lo) >> bits) == 0) run.add(static_cast<int>((x - lo) >> shift), x);
@@ -257,7 +275,7 @@ __device__ void top_p_select(const uint64_t* w, int len, uint64_t need, unsigned
     for (int j = 0; j < kPer; ++j) {
       const int bin = kHistBins - 1 - (threadIdx.x * kPer + j);
       g[j] = 0;
-      for (unsigned r = 0; r < cluster.num_blocks(); ++r) g[j] += cluster.map_shared_rank(mine, r)[bin];
+      for (unsigned r = 0; r < cluster.num_blocks(); ++r) g[j] += MassHist::read(cluster.map_shared_rank(mine, r), bin);
       sum += g[j];
     }
     hparity ^= 1;
@@ -315,7 +333,7 @@ __device__ SampleRow<T> load_row(const VerifyParams& p, const T* logits, const R
   });
   // The second read comes from L2; element tid + k * threads keeps the 8-byte stores
   // conflict-free.
-  MassRun run{hist1, 0, 0};
+  MassRun run{MassHist(hist1), 0, 0};
   unsigned long long acc = 0;
 #pragma unroll 4
   for (int i = threadIdx.x; i < sl.len; i += kSampleThreads) {
