@@ -1,7 +1,7 @@
 // Times torch.ops.specx.topk_threshold's CUDA launcher without torch: built with nvcc on any
 // machine (static cudart), run on the GPU in seconds, no package build there. Every row's result
 // is checked (count above < k <= count at or above). See build.sh.
-//   topk_timing <k> [data]   data: 0 normal (sd 2), 1 constant rows, 2 rows ascending along the row,
+//   topk_threshold <k> [data]   data: 0 normal (sd 2), 1 constant rows, 2 rows ascending along the row,
 //                            3 normal with an outlier at every 128th element (misleads a strided sample)
 #include <cuda_bf16.h>
 

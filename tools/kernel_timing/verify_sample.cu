@@ -1,0 +1,124 @@
+// Times torch.ops.specx.verify_sample's CUDA launcher without torch, on the benchmark's shape
+// (batch 16, 64 nodes, vocab 128256, bf16 logits 3 * N(0, 1), temperature 0.8, random parents,
+// each node's token the argmax of its parent's logits). Built with nvcc on any machine (static
+// cudart), run on the GPU in seconds, no package build there. The results are exact, so a variant
+// must print the same checksum as the committed kernel. See build.sh.
+//   verify_sample [top_p]   (default 0.9)
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "specx/verify.h"
+
+__device__ unsigned mix_bits(unsigned h) {
+  h ^= h >> 15; h *= 0x2c1b3c6du; h ^= h >> 12; h *= 0x297a2d39u; h ^= h >> 15;
+  return h;
+}
+
+__global__ void fill_logits(__nv_bfloat16* x, long long n) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const unsigned h = mix_bits(static_cast<unsigned>(i) * 2654435761u ^ 1234u);  // Box-Muller from two hashes
+    const unsigned h2 = mix_bits(h * 0x9E3779B9u + 0x7F4A7C15u);
+    const float u1 = (h >> 8) * (1.0f / 16777216.0f) + 1e-7f, u2 = (h2 >> 8) * (1.0f / 16777216.0f);
+    x[i] = __float2bfloat16(3.0f * sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2));
+  }
+}
+
+// parents[b, i] uniform in [0, i) (the root's is -1).
+__global__ void fill_parents(int64_t* parents, int size) {
+  const int b = blockIdx.x, i = threadIdx.x;
+  if (i < size) parents[b * size + i] = i == 0 ? -1 : static_cast<int64_t>(mix_bits(b * 7919u + i * 104729u + 17u) % i);
+}
+
+// The argmax (lowest index among equals) of each row, one block per row.
+__global__ void row_argmax(const __nv_bfloat16* x, long long cols, int64_t* out) {
+  __shared__ float best_v[256];
+  __shared__ long long best_i[256];
+  float v = -INFINITY;
+  long long at = 0;
+  for (long long i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float y = __bfloat162float(x[blockIdx.x * cols + i]);
+    if (y > v) v = y, at = i;
+  }
+  best_v[threadIdx.x] = v;
+  best_i[threadIdx.x] = at;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int t = 1; t < blockDim.x; ++t)
+      if (best_v[t] > v || (best_v[t] == v && best_i[t] < at)) v = best_v[t], at = best_i[t];
+    out[blockIdx.x] = at;
+  }
+}
+
+// A node's token: the argmax of its parent's row (the root keeps its own).
+__global__ void tokens_from_parents(const int64_t* parents, const int64_t* argmax, int64_t* tokens, int n, int size) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) tokens[i] = parents[i] < 0 ? argmax[i] : argmax[i - i % size + parents[i]];
+}
+
+int main(int argc, char** argv) {
+  const int batch = 16, size = 64;
+  const long long vocab = 128256, rows = static_cast<long long>(batch) * size;
+  const double top_p = argc > 1 ? atof(argv[1]) : 0.9;
+  __nv_bfloat16* logits;
+  int64_t *parents, *argmax, *tokens, *accepted, *accept_len, *next_token;
+  cudaMalloc(&logits, rows * vocab * 2);
+  cudaMalloc(&parents, rows * 8);
+  cudaMalloc(&argmax, rows * 8);
+  cudaMalloc(&tokens, rows * 8);
+  cudaMalloc(&accepted, rows * 8);
+  cudaMalloc(&accept_len, batch * 8);
+  cudaMalloc(&next_token, batch * 8);
+  fill_logits<<<4096, 256>>>(logits, rows * vocab);
+  fill_parents<<<batch, size>>>(parents, size);
+  row_argmax<<<rows, 256>>>(logits, vocab, argmax);
+  tokens_from_parents<<<(rows + 255) / 256, 256>>>(parents, argmax, tokens, static_cast<int>(rows), size);
+  specx::VerifyParams prm{};
+  prm.node_tokens = tokens;
+  prm.parents = parents;
+  prm.logits = logits;
+  prm.accepted_nodes = accepted;
+  prm.accept_len = accept_len;
+  prm.next_token = next_token;
+  prm.batch = batch;
+  prm.size = size;
+  prm.vocab = vocab;
+  prm.dtype = specx::DType::kBFloat16;
+  prm.inv_temperature = 1.0f / 0.8f;
+  prm.top_p = top_p;
+  prm.seed = 42;
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  std::vector<float> us;
+  for (int rep = 0; rep < 53; ++rep) {  // 3 warm-up runs, then the median of 50
+    cudaEventRecord(start);
+    if (specx::verify_sample_cuda(prm, nullptr) != 0) {
+      printf("launch failed: %s\n", cudaGetErrorString(cudaGetLastError()));
+      return 1;
+    }
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float t;
+    cudaEventElapsedTime(&t, start, stop);
+    if (rep >= 3) us.push_back(1000.0f * t);
+  }
+  std::sort(us.begin(), us.end());
+  std::vector<int64_t> len(batch), next(batch);
+  cudaMemcpy(len.data(), accept_len, batch * 8, cudaMemcpyDeviceToHost);
+  cudaMemcpy(next.data(), next_token, batch * 8, cudaMemcpyDeviceToHost);
+  unsigned long long checksum = 1469598103934665603ull, depth = 0;
+  for (int b = 0; b < batch; ++b) {
+    checksum = (checksum ^ static_cast<unsigned long long>(len[b])) * 1099511628211ull;
+    checksum = (checksum ^ static_cast<unsigned long long>(next[b])) * 1099511628211ull;
+    depth += len[b];
+  }
+  printf("verify_sample %d x %d x %lld bf16, top_p %.2f: median %.1f us (min %.1f); mean accepted %.2f; "
+         "checksum %016llx; %s\n", batch, size, vocab, top_p, us[us.size() / 2], us[0], double(depth) / batch, checksum,
+         cudaGetErrorString(cudaGetLastError()));
+  return 0;
+}
