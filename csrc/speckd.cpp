@@ -21,6 +21,24 @@ namespace {
 
 constexpr int64_t kMaxVocab = int64_t{1} << 22;  // keeps the spec gate's fixed-point sums in 64 bits
 
+// jsd / skl / srkl per element, from log-probabilities lp (teacher) and lq (student): d, this
+// element's share of D, and g = dD/dq_j up to a constant (the gradient wrt s_j is q_j (g_j - G),
+// G = sum_k q_k g_k). The CUDA kernel computes the same in base 2 (MixtureBase2).
+struct MixtureTerms {
+  double d;
+  double g;
+};
+MixtureTerms mixture_terms(Divergence div, double mix, double lp, double lq, double p, double q) {
+  // m, the mixture; srkl weighs the teacher by 1 - mix.
+  const double w_p = div == Divergence::kSRKL ? 1.0 - mix : mix, w_q = 1.0 - w_p;
+  const double m = w_p * p + w_q * q;
+  if (!(m > 0.0)) return {0.0, 0.0};
+  const double lm = std::log(m);
+  if (div == Divergence::kJSD) return {mix * p * (lp - lm) + (1.0 - mix) * q * (lq - lm), (1.0 - mix) * (lq - lm)};
+  if (div == Divergence::kSKL) return {p > 0.0 ? p * (lp - lm) : 0.0, -(1.0 - mix) * p / m};
+  return {q > 0.0 ? q * (lq - lm) : 0.0, lq - lm - mix * q / m};  // kSRKL
+}
+
 Divergence parse_divergence(const std::string& name) {
   if (name == "fkl") return Divergence::kFKL;
   if (name == "rkl") return Divergence::kRKL;
@@ -185,7 +203,7 @@ void speckd_row_cpu(const SpecKDParams& p, int64_t row) {
       case Divergence::kFKL: d += pp * (lp[j] - lq[j]); break;
       case Divergence::kRKL: d += q * (lq[j] - lp[j]); break;
       default: {
-        const auto term = mixture_terms<double>(p.divergence, p.mix, lp[j], lq[j], pp, q);
+        const MixtureTerms term = mixture_terms(p.divergence, p.mix, lp[j], lq[j], pp, q);
         d += term.d;
         g_sum += q * term.g;
       }
@@ -227,7 +245,7 @@ void speckd_row_cpu(const SpecKDParams& p, int64_t row) {
       switch (p.divergence) {
         case Divergence::kFKL: ds = q - pp; break;
         case Divergence::kRKL: ds = q * (lq[j] - lp[j] - g_sum); break;
-        default: ds = q * (mixture_terms<double>(p.divergence, p.mix, lp[j], lq[j], pp, q).g - g_sum);
+        default: ds = q * (mixture_terms(p.divergence, p.mix, lp[j], lq[j], pp, q).g - g_sum);
       }
       g_row[j] = static_cast<TG>(static_cast<float>(coef * ds));
     }

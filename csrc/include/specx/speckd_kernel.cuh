@@ -205,8 +205,11 @@ struct MixtureBase2 {
       return {x.q * dq, x.q * fast_exp2(dq)};
     }
   }
-  // The row's {D, G} from the cluster's sums.
-  __device__ __forceinline__ RowMix row(RowMix uv) const {
+  // The row's D and G from the cluster's sums.
+  struct Row {
+    float d, g;
+  };
+  __device__ __forceinline__ Row row(RowMix uv) const {
     if constexpr (kDiv == Divergence::kJSD) return {kLn2 * (wp * uv.u + wq * uv.v), wq * kLn2 * uv.v};
     if constexpr (kDiv == Divergence::kSKL) return {kLn2 * uv.u, -wq * uv.v};
     return {kLn2 * uv.u, kLn2 * uv.u - wq * uv.v};
@@ -403,9 +406,9 @@ __global__ void __launch_bounds__(kThreads, 3)
     RowMix uv{0.0f, 0.0f};
     for_each_float_pair<kThreads>(rs, rt, len, vec,
                                   [&](int, float s, float t) { uv = combine(uv, mixture.sums_term(s, t)); });
-    const RowMix dg = mixture.row(mix_exchange.allreduce<kThreads>(uv, scratch.take<RowMix>(turn)));
-    div_d = dg.u;
-    div_g = dg.v;
+    const auto rdiv = mixture.row(mix_exchange.allreduce<kThreads>(uv, scratch.take<RowMix>(turn)));
+    div_d = rdiv.d;
+    div_g = rdiv.g;
   }
 
   if (rank == 0 && threadIdx.x == 0) {
