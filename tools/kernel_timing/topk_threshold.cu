@@ -5,22 +5,16 @@
 //                            3 normal with an outlier at every 128th element (misleads a strided sample)
 #include <cuda_bf16.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <vector>
 
 #include "specx/topk_threshold.h"
+#include "timing.cuh"
 
 __global__ void fill(__nv_bfloat16* x, long long n, long long cols, int data) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    unsigned h = static_cast<unsigned>(i) * 2654435761u ^ 1234u;  // two hashes of i: Box-Muller
-    h ^= h >> 15; h *= 0x2c1b3c6du; h ^= h >> 12; h *= 0x297a2d39u; h ^= h >> 15;
-    unsigned h2 = h * 0x9E3779B9u + 0x7F4A7C15u;
-    h2 ^= h2 >> 13; h2 *= 0x5bd1e995u; h2 ^= h2 >> 15;
-    const float u1 = (h >> 8) * (1.0f / 16777216.0f) + 1e-7f, u2 = (h2 >> 8) * (1.0f / 16777216.0f);
-    const float z = 2.0f * sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
+    const float z = 2.0f * kernel_timing::hashed_normal(i);
     const float v = data == 1 ? 1.0f : data == 2 ? (i % cols) * 1e-3f : data == 3 && i % 128 == 0 ? 100.0f + z : z;
     x[i] = __float2bfloat16(v);
   }
@@ -57,28 +51,14 @@ int main(int argc, char** argv) {
   cudaMalloc(&bad, 4);
   fill<<<4096, 256>>>(x, rows * cols, cols, data);
   const specx::TopKThresholdParams prm{x, threshold, greater, rows, cols, k, specx::DType::kBFloat16};
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  std::vector<float> ms;
-  for (int rep = 0; rep < 23; ++rep) {  // 3 warm-up runs, then the median of 20
-    cudaEventRecord(start);
-    if (specx::topk_threshold_cuda(prm, nullptr) != 0) {
-      printf("launch failed: %s\n", cudaGetErrorString(cudaGetLastError()));
-      return 1;
-    }
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float t;
-    cudaEventElapsedTime(&t, start, stop);
-    if (rep >= 3) ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
+  const kernel_timing::Timing time =
+      kernel_timing::time_launches([&] { return specx::topk_threshold_cuda(prm, nullptr); }, 3, 20);
+  if (!time.ok) return 1;
   cudaMemset(bad, 0, 4);
   check<<<rows, 256>>>(x, cols, threshold, greater, k, bad);
   int wrong = 0;
   cudaMemcpy(&wrong, bad, 4, cudaMemcpyDeviceToHost);
   printf("%lld x %lld bf16, data %d, k=%lld: median %.3f ms (min %.3f); wrong rows %d; %s\n", rows, cols, data, k,
-         ms[ms.size() / 2], ms[0], wrong, cudaGetErrorString(cudaGetLastError()));
+         time.median_ms, time.min_ms, wrong, cudaGetErrorString(cudaGetLastError()));
   return wrong != 0;
 }

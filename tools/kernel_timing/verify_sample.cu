@@ -6,32 +6,25 @@
 //   verify_sample [top_p]   (default 0.9)
 #include <cuda_bf16.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 
 #include "specx/verify.h"
-
-__device__ unsigned mix_bits(unsigned h) {
-  h ^= h >> 15; h *= 0x2c1b3c6du; h ^= h >> 12; h *= 0x297a2d39u; h ^= h >> 15;
-  return h;
-}
+#include "timing.cuh"
 
 __global__ void fill_logits(__nv_bfloat16* x, long long n) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const unsigned h = mix_bits(static_cast<unsigned>(i) * 2654435761u ^ 1234u);  // Box-Muller from two hashes
-    const unsigned h2 = mix_bits(h * 0x9E3779B9u + 0x7F4A7C15u);
-    const float u1 = (h >> 8) * (1.0f / 16777216.0f) + 1e-7f, u2 = (h2 >> 8) * (1.0f / 16777216.0f);
-    x[i] = __float2bfloat16(3.0f * sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2));
-  }
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    x[i] = __float2bfloat16(3.0f * kernel_timing::hashed_normal(i));
 }
 
 // parents[b, i] uniform in [0, i) (the root's is -1).
 __global__ void fill_parents(int64_t* parents, int size) {
   const int b = blockIdx.x, i = threadIdx.x;
-  if (i < size) parents[b * size + i] = i == 0 ? -1 : static_cast<int64_t>(mix_bits(b * 7919u + i * 104729u + 17u) % i);
+  if (i >= size) return;
+  const unsigned h = kernel_timing::mix_bits(b * 7919u + i * 104729u + 17u);
+  parents[b * size + i] = i == 0 ? -1 : static_cast<int64_t>(h % i);
 }
 
 // The argmax (lowest index among equals) of each row, one block per row.
@@ -91,23 +84,9 @@ int main(int argc, char** argv) {
   prm.inv_temperature = 1.0f / 0.8f;
   prm.top_p = top_p;
   prm.seed = 42;
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  std::vector<float> us;
-  for (int rep = 0; rep < 53; ++rep) {  // 3 warm-up runs, then the median of 50
-    cudaEventRecord(start);
-    if (specx::verify_sample_cuda(prm, nullptr) != 0) {
-      printf("launch failed: %s\n", cudaGetErrorString(cudaGetLastError()));
-      return 1;
-    }
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float t;
-    cudaEventElapsedTime(&t, start, stop);
-    if (rep >= 3) us.push_back(1000.0f * t);
-  }
-  std::sort(us.begin(), us.end());
+  const kernel_timing::Timing time =
+      kernel_timing::time_launches([&] { return specx::verify_sample_cuda(prm, nullptr); }, 3, 50);
+  if (!time.ok) return 1;
   std::vector<int64_t> len(batch), next(batch);
   cudaMemcpy(len.data(), accept_len, batch * 8, cudaMemcpyDeviceToHost);
   cudaMemcpy(next.data(), next_token, batch * 8, cudaMemcpyDeviceToHost);
@@ -118,7 +97,8 @@ int main(int argc, char** argv) {
     depth += len[b];
   }
   printf("verify_sample %d x %d x %lld bf16, top_p %.2f: median %.1f us (min %.1f); mean accepted %.2f; "
-         "checksum %016llx; %s\n", batch, size, vocab, top_p, us[us.size() / 2], us[0], double(depth) / batch, checksum,
+         "checksum %016llx; %s\n",
+         batch, size, vocab, top_p, 1000.0f * time.median_ms, 1000.0f * time.min_ms, double(depth) / batch, checksum,
          cudaGetErrorString(cudaGetLastError()));
   return 0;
 }
