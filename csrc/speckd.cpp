@@ -21,6 +21,11 @@ namespace {
 
 constexpr int64_t kMaxVocab = int64_t{1} << 22;  // keeps the spec gate's fixed-point sums in 64 bits
 
+// a (la - lb), 0 where a = 0 (0 log 0 = 0, whatever the logs: a -inf logit has la = -inf).
+double xlog_ratio(double a, double la, double lb) { return a > 0.0 ? a * (la - lb) : 0.0; }
+// q x, 0 where q = 0 (a student term that is -inf times a zero probability).
+double times_prob(double q, double x) { return q > 0.0 ? q * x : 0.0; }
+
 // jsd / skl / srkl per element, from log-probabilities lp (teacher) and lq (student): d, this
 // element's share of D, and g = dD/dq_j up to a constant (the gradient wrt s_j is q_j (g_j - G),
 // G = sum_k q_k g_k). The CUDA kernel computes the same in base 2 (MixtureBase2).
@@ -34,9 +39,10 @@ MixtureTerms mixture_terms(Divergence div, double mix, double lp, double lq, dou
   const double m = w_p * p + w_q * q;
   if (!(m > 0.0)) return {0.0, 0.0};
   const double lm = std::log(m);
-  if (div == Divergence::kJSD) return {mix * p * (lp - lm) + (1.0 - mix) * q * (lq - lm), (1.0 - mix) * (lq - lm)};
-  if (div == Divergence::kSKL) return {p > 0.0 ? p * (lp - lm) : 0.0, -(1.0 - mix) * p / m};
-  return {q > 0.0 ? q * (lq - lm) : 0.0, lq - lm - mix * q / m};  // kSRKL
+  if (div == Divergence::kJSD)
+    return {mix * xlog_ratio(p, lp, lm) + (1.0 - mix) * xlog_ratio(q, lq, lm), (1.0 - mix) * (lq - lm)};
+  if (div == Divergence::kSKL) return {xlog_ratio(p, lp, lm), -(1.0 - mix) * p / m};
+  return {xlog_ratio(q, lq, lm), lq - lm - mix * q / m};  // kSRKL
 }
 
 Divergence parse_divergence(const std::string& name) {
@@ -200,12 +206,12 @@ void speckd_row_cpu(const SpecKDParams& p, int64_t row) {
   for (int64_t j = 0; j < V; ++j) {
     const double q = std::exp(lq[j]), pp = std::exp(lp[j]);
     switch (p.divergence) {
-      case Divergence::kFKL: d += pp * (lp[j] - lq[j]); break;
-      case Divergence::kRKL: d += q * (lq[j] - lp[j]); break;
+      case Divergence::kFKL: d += xlog_ratio(pp, lp[j], lq[j]); break;
+      case Divergence::kRKL: d += xlog_ratio(q, lq[j], lp[j]); break;
       default: {
         const MixtureTerms term = mixture_terms(p.divergence, p.mix, lp[j], lq[j], pp, q);
         d += term.d;
-        g_sum += q * term.g;
+        g_sum += times_prob(q, term.g);
       }
     }
   }
@@ -244,8 +250,8 @@ void speckd_row_cpu(const SpecKDParams& p, int64_t row) {
       double ds;
       switch (p.divergence) {
         case Divergence::kFKL: ds = q - pp; break;
-        case Divergence::kRKL: ds = q * (lq[j] - lp[j] - g_sum); break;
-        default: ds = q * (mixture_terms(p.divergence, p.mix, lp[j], lq[j], pp, q).g - g_sum);
+        case Divergence::kRKL: ds = times_prob(q, lq[j] - lp[j] - g_sum); break;
+        default: ds = times_prob(q, mixture_terms(p.divergence, p.mix, lp[j], lq[j], pp, q).g - g_sum);
       }
       g_row[j] = static_cast<TG>(static_cast<float>(coef * ds));
     }

@@ -104,6 +104,45 @@ def test_huge_logits_stay_finite(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_masked_tokens_count_as_absent(device, dtype, divergence):
+    # Tokens that both models mask with -inf (a padded vocabulary) leave the loss and the other
+    # tokens' gradients as if they were not there, and get no gradient themselves (0 log 0 = 0).
+    student, teacher, _ = make_logits(6, 90, torch.float32, "cpu", seed=12)
+    masked = torch.zeros(90, dtype=torch.bool)
+    masked[::7] = True
+    masked[80:] = True
+    labels = torch.tensor([0, -100, 0, 0, -100, 0])
+    for gate in GATES:
+        def loss_and_grad(s, t):
+            s = s.to(dtype).to(device).requires_grad_(True)
+            loss = specx.distill.speckd_loss(s, t.to(dtype).to(device), labels.to(device), divergence=divergence,
+                                             gate=gate, k=3, seed=5)
+            loss.backward()
+            return loss.double().cpu(), s.grad.double().cpu()
+
+        loss_masked, grad_masked = loss_and_grad(student.masked_fill(masked, float("-inf")),
+                                                 teacher.masked_fill(masked, float("-inf")))
+        loss_kept, grad_kept = loss_and_grad(student[:, ~masked], teacher[:, ~masked])
+        assert torch.allclose(loss_masked, loss_kept, rtol=1e-4, atol=1e-6), (gate, loss_masked, loss_kept)
+        assert torch.equal(grad_masked[:, masked], torch.zeros_like(grad_masked[:, masked]))
+        assert torch.allclose(grad_masked[:, ~masked], grad_kept, rtol=1e-3, atol=1e-6), gate
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", ["fkl", "jsd", "skl", "srkl"])
+def test_teacher_kept_to_its_top_tokens(device, divergence):
+    # Offline distillation often stores only the teacher's top logits and sets the rest to -inf.
+    # Every divergence but rkl (infinite there) stays finite and matches the reference.
+    student, teacher, labels = make_logits(6, 90, torch.float32, "cpu", seed=13)
+    teacher = teacher.masked_fill(teacher < teacher.topk(20, dim=-1).values[:, -1:], float("-inf"))
+    for gate in GATES:
+        check_against_reference(student.to(device), teacher.to(device), labels.to(device), divergence=divergence,
+                                gate=gate, k=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_topk_gate_ties_take_lowest_index(device):
     # Student argmax ties between 1 and 3: index 1 wins; the teacher ranks index 1 third, index 3 first.
     student = torch.tensor([[0.0, 5.0, 1.0, 5.0]], device=device)

@@ -172,8 +172,9 @@ __device__ __forceinline__ Accepted combine(Accepted a, Accepted b) { return {a.
 //   jsd:  u = sum p (lp2 - lm2), v = sum q (lq2 - lm2);  D = ln2 (w_p u + w_q v);  G = w_q ln2 v
 //   skl:  u = sum p (lp2 - lm2), v = sum q p / m;        D = ln2 u;                G = -w_q v
 //   srkl: u = sum q (lq2 - lm2), v = sum q q / m;        D = ln2 u;                G = ln2 u - w_q v
-// m is kept at least FLT_MIN, so an element with p = q = 0 adds nothing. rkl's gradient takes its
-// exponents from here too.
+// m is kept at least FLT_MIN, and a log ratio that multiplies a probability at least -FLT_MAX (a
+// -inf logit makes it -inf or NaN; fmaxf drops a NaN), so that an element with p = 0 or q = 0
+// adds nothing where 0 log 0 = 0 says so. rkl's gradient takes its exponents from here too.
 template <Divergence kDiv>
 struct MixtureBase2 {
   float c;           // log2(e) / T
@@ -183,6 +184,7 @@ struct MixtureBase2 {
   struct Point {
     float lq2, lp2, q, p, m;
   };
+  static __device__ __forceinline__ float log_ratio(float la2, float lb2) { return fmaxf(la2 - lb2, -FLT_MAX); }
   __device__ __forceinline__ Point at(float s, float t) const {
     Point x;
     x.lq2 = fmaf(s, c, -kq.k) - kq.err;
@@ -196,12 +198,12 @@ struct MixtureBase2 {
     const Point x = at(s, t);
     const float lm2 = fast_log2(x.m);
     if constexpr (kDiv == Divergence::kJSD) {
-      return {x.p * (x.lp2 - lm2), x.q * (x.lq2 - lm2)};
+      return {x.p * log_ratio(x.lp2, lm2), x.q * log_ratio(x.lq2, lm2)};
     } else if constexpr (kDiv == Divergence::kSKL) {
-      const float dp = x.lp2 - lm2;
+      const float dp = log_ratio(x.lp2, lm2);
       return {x.p * dp, x.q * fast_exp2(dp)};
     } else {
-      const float dq = x.lq2 - lm2;
+      const float dq = log_ratio(x.lq2, lm2);
       return {x.q * dq, x.q * fast_exp2(dq)};
     }
   }
@@ -221,7 +223,7 @@ struct MixtureBase2 {
     if constexpr (kDiv == Divergence::kSKL) {
       g = -wq * x.p * fast_rcp(x.m);
     } else {
-      const float dq = x.lq2 - fast_log2(x.m);
+      const float dq = log_ratio(x.lq2, fast_log2(x.m));
       g = kDiv == Divergence::kJSD ? wq * kLn2 * dq : fmaf(kLn2, dq, -wq * fast_exp2(dq));
     }
     return x.q * (g - g_row);
@@ -333,11 +335,13 @@ __global__ void __launch_bounds__(kThreads, 3)
     constexpr Gate kGate = decltype(gate)::value;
     RowSums sums{0.0f, 0.0f, 0.0f, 0};
     // d: the exponents' difference, c ((t - max_t) - (s - max_s)) up to the offsets' errors.
+    // A -inf logit (a masked token) gives an infinite or NaN d where its own exp is 0; the clamp
+    // makes that term 0 (fmaxf / fminf drop a NaN), as 0 log 0 = 0 wants.
     auto add = [&](float es, float et, float d) {
       sums.sum_s += es;
       sums.sum_t += et;
-      if constexpr (kDiv == Divergence::kFKL) sums.acc = fmaf(et, d, sums.acc);
-      if constexpr (kDiv == Divergence::kRKL) sums.acc = fmaf(-es, d, sums.acc);
+      if constexpr (kDiv == Divergence::kFKL) sums.acc = fmaf(et, fmaxf(d, -FLT_MAX), sums.acc);
+      if constexpr (kDiv == Divergence::kRKL) sums.acc = fmaf(-es, fminf(d, FLT_MAX), sums.acc);
     };
     if constexpr (kGate == Gate::kSpec) {
       // The masses' exponents, shared with the sums.
@@ -431,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 3)
           return fmaf(nq.scale, fast_exp2(fmaf(s, c, -nq.k)), -np.scale * fast_exp2(fmaf(t, c, -np.k)));
         } else if constexpr (kDiv == Divergence::kRKL) {
           const auto x = mixture.at(s, t);  // its exponents; p and m go unused
-          return coef * x.q * fmaf(kLn2, x.lq2 - x.lp2, -div_g);
+          return coef * x.q * fmaf(kLn2, mixture.log_ratio(x.lq2, x.lp2), -div_g);
         } else {
           return coef * mixture.grad(s, t, div_g);
         }
