@@ -127,7 +127,9 @@ def test_masked_tokens_count_as_absent(device, dtype, divergence):
         loss_kept, grad_kept = loss_and_grad(student[:, ~masked], teacher[:, ~masked])
         assert torch.allclose(loss_masked, loss_kept, rtol=1e-4, atol=1e-6), (gate, loss_masked, loss_kept)
         assert torch.equal(grad_masked[:, masked], torch.zeros_like(grad_masked[:, masked]))
-        assert torch.allclose(grad_masked[:, ~masked], grad_kept, rtol=1e-3, atol=1e-6), gate
+        # bf16 gradients may round the other way where fp32 sums differ in order (another slicing).
+        rtol = 1e-3 if dtype == torch.float32 else 1e-2
+        assert torch.allclose(grad_masked[:, ~masked], grad_kept, rtol=rtol, atol=1e-6), gate
 
 
 @pytest.mark.parametrize("device", DEVICES)
