@@ -34,16 +34,12 @@ struct ClusterExchange {
   // block (the slots are combined in rank order). `warp_scratch` holds one P per warp; consecutive
   // exchanges must alternate between two such buffers (see ExchangeScratch).
   template <int kThreads>
-  __device__ __forceinline__ P allreduce(P v, P* warp_scratch) {
-    gather_warps(v, warp_scratch);
-    if (num_blocks() == 1) return block_value<kThreads>(warp_scratch);  // not a cluster launch, where st.async has no peer to address
-    send<kThreads>(warp_scratch);
-    return combine_slots();
-  }
+  __device__ __forceinline__ P allreduce(P v, P* warp_scratch) { return wait(push<kThreads>(v, warp_scratch)); }
 
   // allreduce in two halves, so that two exchanges make one round trip: push both, then wait for
-  // both. What push leaves for wait is the block's value where the block is the whole cluster, in
-  // registers (a later push may overwrite the warp partials before this wait).
+  // both. What push leaves for wait is the block's value where the block is the whole cluster (not
+  // a cluster launch, where st.async has no peer to address), in registers: a later push may
+  // overwrite the warp partials before this wait.
   struct Sent {
     P local;
   };
