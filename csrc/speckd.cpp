@@ -39,10 +39,9 @@ MixtureTerms mixture_terms(Divergence div, double mix, double lp, double lq, dou
   const double m = w_p * p + w_q * q;
   if (!(m > 0.0)) return {0.0, 0.0};
   const double lm = std::log(m);
-  if (div == Divergence::kJSD)
-    return {mix * xlog_ratio(p, lp, lm) + (1.0 - mix) * xlog_ratio(q, lq, lm), (1.0 - mix) * (lq - lm)};
-  if (div == Divergence::kSKL) return {xlog_ratio(p, lp, lm), -(1.0 - mix) * p / m};
-  return {xlog_ratio(q, lq, lm), lq - lm - mix * q / m};  // kSRKL
+  if (div == Divergence::kJSD) return {w_p * xlog_ratio(p, lp, lm) + w_q * xlog_ratio(q, lq, lm), w_q * (lq - lm)};
+  if (div == Divergence::kSKL) return {xlog_ratio(p, lp, lm), -w_q * p / m};
+  return {xlog_ratio(q, lq, lm), lq - lm - w_q * q / m};  // kSRKL
 }
 
 Divergence parse_divergence(const std::string& name) {
@@ -309,12 +308,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> speckd_loss(
   const auto fopts = student_logits.options().dtype(at::kFloat);
   // Few ops: each is a launch on the GPU, and at small shapes they, not the row kernel, set the time.
   // Which rows count: for the mean's divisor, and the accepted weights when rejected rows weigh.
-  const bool need_valid = labels.has_value() && (reduction == "mean" || (reduction == "accepted" && reject_weight != 0.0));
+  const bool need_valid =
+      labels.has_value() && (reduction == "mean" || (reduction == "accepted" && reject_weight != 0.0));
   const at::Tensor valid = need_valid ? labels->reshape({-1}).ne(ignore_index) : at::Tensor();
   // "mean" knows its scale before the kernel runs, so the gradient comes out final.
   std::optional<at::Tensor> grad_scale;
   if (reduction == "mean") {
-    const at::Tensor n_valid = valid.defined() ? at::sum(valid, at::kFloat) : at::full({}, static_cast<double>(rows), fopts);
+    const at::Tensor n_valid =
+        valid.defined() ? at::sum(valid, at::kFloat) : at::full({}, static_cast<double>(rows), fopts);
     grad_scale = n_valid.clamp_min(1.0).reciprocal();
   }
   auto [row_div, row_acc, grad] = speckd_rows(student_logits, teacher_logits, labels, ignore_index, divergence, gate,

@@ -43,7 +43,8 @@ struct TopKSelection {
 };
 
 // The CPU selection, by nth_element over the keys (the CUDA kernels reach the same answer by
-// radix select, or for long 16-bit rows by counting the keys near a sampled estimate). `scratch` is reused between rows. Requires 1 <= k <= n.
+// radix select, or for long 16-bit rows by counting the keys near a sampled estimate). `scratch`
+// is reused between rows. Requires 1 <= k <= n.
 inline TopKSelection select_topk_host(const uint32_t* keys, int64_t n, int64_t k, std::vector<uint32_t>& scratch) {
   scratch.assign(keys, keys + n);
   std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<uint32_t>());

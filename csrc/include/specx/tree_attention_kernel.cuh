@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) tree_attention
   constexpr int kOTiles = kHeadDim / 8;     // 8-wide column tiles of O
   constexpr uint32_t kTileBytes = kBlockN * kHeadDim * 2;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const uint32_t q_tile = shared_address(smem_raw);                       // [kRows][kHeadDim]
+  const uint32_t q_tile = shared_address(smem_raw);                  // [kRows][kHeadDim]
   const uint32_t k_tiles = q_tile + Cfg::kRows * kHeadDim * 2;       // [kStages][kBlockN][kHeadDim]
   const uint32_t v_tiles = k_tiles + kStages * kTileBytes;           // [kStages][kBlockN][kHeadDim]
 

@@ -191,8 +191,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   constexpr uint32_t kHalfBytes = kBlockN * 128;  // one 64-element column half of a K/V tile
   extern __shared__ unsigned char smem_raw[];
   const uint32_t q_tile = (shared_address(smem_raw) + 1023) & ~1023u;  // [kRows][kHeadDim], swizzled halves
-  const uint32_t k_tiles = q_tile + Cfg::kRows * kHeadDim * 2;     // [kStages][kBlockN][kHeadDim]
-  const uint32_t v_tiles = k_tiles + kStages * kTileBytes;         // [kStages][kBlockN][kHeadDim]
+  const uint32_t k_tiles = q_tile + Cfg::kRows * kHeadDim * 2;          // [kStages][kBlockN][kHeadDim]
+  const uint32_t v_tiles = k_tiles + kStages * kTileBytes;              // [kStages][kBlockN][kHeadDim]
 
   const BlockWork w = block_work<Cfg::kRows, kBlockN>(p);
   const int tile_begin = w.tile_begin, tile_end = w.tile_end, n = w.n;
