@@ -19,6 +19,7 @@ constexpr int kArgmaxThreads = 256;
 constexpr int kWalkThreads = 256;
 constexpr int kNodesPerThread = kMaxTreeSizeCuda / kWalkThreads;
 constexpr int kSampleThreads = 512;
+constexpr int kMaxSampleCluster = 8;  // blocks per sequence (a power of two)
 static_assert(kArgmaxThreads == kWalkThreads, "the greedy walk runs in the argmax kernel's last block");
 
 // Longest accepted path by pointer jumping: after the rounds, good[i] says every node from i
@@ -156,13 +157,17 @@ struct SampleRow {
 };
 
 // Calls f(rank, value) on every thread for each block's `mine` (given in thread 0), in rank
-// order. A slot is rewritten only after the cluster has passed another exchange.
+// order; the peers' values are read all at once. A slot is rewritten only after the cluster has
+// passed another exchange.
 template <typename F>
 __device__ void cluster_exchange(unsigned long long mine, SampleSmem& s, int& parity, F&& f) {
   cg::cluster_group cluster = cg::this_cluster();
   if (threadIdx.x == 0) s.slot[parity] = mine;
   cluster.sync();
-  for (unsigned r = 0; r < cluster.num_blocks(); ++r) f(r, *cluster.map_shared_rank(&s.slot[parity], r));
+  const unsigned nblocks = cluster.num_blocks();
+#pragma unroll
+  for (unsigned r = 0; r < kMaxSampleCluster; ++r)
+    if (r < nblocks) f(r, *cluster.map_shared_rank(&s.slot[parity], r));
   parity ^= 1;
 }
 
@@ -244,47 +249,83 @@ __device__ __forceinline__ int top_p_key(uint64_t w) {
   return e * 32 + static_cast<int>(m & 31);
 }
 
-// The largest tau whose kept mass (weights >= tau) reaches `need`, and that mass. Each level
-// narrows tau's range to one bin of a cluster-wide histogram; the first level's histogram was
-// filled while the weights were computed, later passes touch only weights still in range.
-// `hist` holds two alternating buffers (a peer may still read the previous level's).
-__device__ void top_p_select(const uint64_t* w, int len, uint64_t need, unsigned long long* hist, int& hparity,
-                             SampleSmem& s, uint64_t& tau, uint64_t& kept) {
+// The largest tau whose kept mass (weights >= tau) reaches top_p of the row's mass, and that
+// mass. Each level narrows tau's range to one bin of a cluster-wide histogram; the first level's
+// histogram was filled while the weights were computed, later passes touch only weights still in
+// range. The cluster reduces each level's histogram scattered: every block sums its share of the
+// bins over the cluster (`summed`), the shares' totals are exchanged, and every block scans the
+// share holding the crossing.
+__device__ void top_p_select(const uint64_t* w, int len, double top_p, unsigned long long* hist,
+                             unsigned long long* summed, SampleSmem& s, int& parity, uint64_t& tau, uint64_t& kept) {
   cg::cluster_group cluster = cg::this_cluster();
-  constexpr int kPer = kHistBins / kSampleThreads;
-  uint64_t lo = 0, above = 0;
+  const int nblocks = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  const int share = kHistBins / nblocks;
+  const int per = share > kSampleThreads ? share / kSampleThreads : 1;  // bins per thread in a scan
+  uint64_t lo = 0, above = 0, need = 0;
   int bits = -1, shift = 0;  // tau in [lo, lo + 2^bits), keyed by (w - lo) >> shift; -1: first level
   while (true) {
-    unsigned long long* mine = hist + hparity * kHistBins;
     if (bits >= 0) {
-      for (int i = threadIdx.x; i < kHistBins; i += kSampleThreads) mine[i] = 0;
+      for (int i = threadIdx.x; i < kHistBins; i += kSampleThreads) hist[i] = 0;
       __syncthreads();
-      MassRun run{MassHist(mine), 0, 0};
+      MassRun run{MassHist(hist), 0, 0};
       for (int i = threadIdx.x; i < len; i += kSampleThreads) {
         const uint64_t x = w[i];
         if (x >= lo && ((x - lo) >> bits) == 0) run.add(static_cast<int>((x - lo) >> shift), x);
       }
       run.flush();
     }
-    if (threadIdx.x == 0) s.cross_bin = -1;
     cluster.sync();
-    // Thread t sums bins 4t.. counted from the top; the crossing bin is the first where the
-    // mass from the top reaches `need`.
-    unsigned long long g[kPer], sum = 0;
+    unsigned long long part = 0;
+    for (int i = threadIdx.x; i < share; i += kSampleThreads) {
+      const int bin = rank * share + i;
+      uint64_t sum = 0;
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      const int bin = kHistBins - 1 - (threadIdx.x * kPer + j);
-      g[j] = 0;
-      for (unsigned r = 0; r < cluster.num_blocks(); ++r) g[j] += MassHist::read(cluster.map_shared_rank(mine, r), bin);
+      for (int r = 0; r < kMaxSampleCluster; ++r)
+        if (r < nblocks) sum += MassHist::read(cluster.map_shared_rank(hist, r), bin);
+      summed[i] = sum;
+      part += sum;
+    }
+    part = block_reduce(part, s.warp_sums, [](unsigned long long a, unsigned long long b) { return a + b; });
+    unsigned long long share_mass[kMaxSampleCluster];
+    cluster_exchange(part, s, parity, [&](unsigned r, unsigned long long v) { share_mass[r] = v; });
+    if (bits < 0) {
+      uint64_t total = 0;
+#pragma unroll
+      for (int r = 0; r < kMaxSampleCluster; ++r)
+        if (r < nblocks) total += share_mass[r];
+      need = top_p_need(top_p, total);
+    }
+    // The share where the mass counted from the top first reaches `need`.
+    int owner = -1;
+    unsigned long long acc = above;
+#pragma unroll
+    for (int r = kMaxSampleCluster - 1; r >= 0; --r) {
+      if (r >= nblocks || owner >= 0) continue;
+      if (acc < need && acc + share_mass[r] >= need)
+        owner = r;
+      else
+        acc += share_mass[r];
+    }
+    if (owner < 0) {  // no positive weight (an all-NaN row): everything is kept, as on the CPU
+      tau = 0;
+      kept = 0;
+      return;
+    }
+    // Thread t sums the owner's bins t * per.. counted from the top; the crossing bin is the first
+    // where the mass from the top reaches `need`.
+    const unsigned long long* owned = cluster.map_shared_rank(summed, owner);
+    unsigned long long g[kHistBins / kSampleThreads], sum = 0;
+#pragma unroll
+    for (int j = 0; j < kHistBins / kSampleThreads; ++j) {
+      const int i = threadIdx.x * per + j;
+      g[j] = j < per && i < share ? owned[share - 1 - i] : 0;
       sum += g[j];
     }
-    hparity ^= 1;
-    block_exclusive_scan(sum, s.prefix, s.warp_totals);
-    unsigned long long acc = above + s.prefix[threadIdx.x];
+    acc += block_scan(sum, s.warp_totals).before;
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) {
+    for (int j = 0; j < kHistBins / kSampleThreads; ++j) {
       if (acc < need && acc + g[j] >= need) {
-        s.cross_bin = kHistBins - 1 - (threadIdx.x * kPer + j);
+        s.cross_bin = owner * share + share - 1 - (threadIdx.x * per + j);
         s.cross_above = acc;
         s.cross_mass = g[j];
       }
@@ -292,11 +333,6 @@ __device__ void top_p_select(const uint64_t* w, int len, uint64_t need, unsigned
     }
     __syncthreads();
     const int d = s.cross_bin;
-    if (d < 0) {  // no positive weight (an all-NaN row): everything is kept, as on the CPU
-      tau = 0;
-      kept = 0;
-      return;
-    }
     if (bits < 0) {
       const int e = d >> 5, m = d & 31;
       lo = e >= 5 ? static_cast<uint64_t>(32 + m) << (e - 5) : static_cast<uint64_t>(32 + m) >> (5 - e);
@@ -319,11 +355,10 @@ __device__ void top_p_select(const uint64_t* w, int len, uint64_t need, unsigned
 // The weights of node row `logits` into this block's slice, and the row-wide statistics.
 template <typename T>
 __device__ SampleRow<T> load_row(const VerifyParams& p, const T* logits, const RowSlice& sl, uint64_t* w,
-                                 unsigned long long* hist, SampleSmem& s, int& parity, int& hparity) {
+                                 unsigned long long* hist, SampleSmem& s, int& parity) {
   const bool top_p = p.top_p < 1.0;
-  unsigned long long* hist1 = hist + hparity * kHistBins;
   if (top_p)
-    for (int i = threadIdx.x; i < kHistBins; i += kSampleThreads) hist1[i] = 0;
+    for (int i = threadIdx.x; i < kHistBins; i += kSampleThreads) hist[i] = 0;
   float m = -INFINITY;
   verify_cuda::for_each_value(logits + sl.begin, sl.len, kSampleThreads, [&](float x) { m = fmaxf(m, x); });
   m = block_reduce(m, s.warp_max, [](float a, float b) { return fmaxf(a, b); });
@@ -333,7 +368,7 @@ __device__ SampleRow<T> load_row(const VerifyParams& p, const T* logits, const R
   });
   // The second read comes from L2; element tid + k * threads keeps the 8-byte stores
   // conflict-free.
-  MassRun run{MassHist(hist1), 0, 0};
+  MassRun run{MassHist(hist), 0, 0};
   unsigned long long acc = 0;
 #pragma unroll 4
   for (int i = threadIdx.x; i < sl.len; i += kSampleThreads) {
@@ -342,10 +377,13 @@ __device__ SampleRow<T> load_row(const VerifyParams& p, const T* logits, const R
     acc += x;
     if (top_p && x > 0) run.add(top_p_key(x), x);
   }
-  run.flush();
+  if (top_p) {  // the histogram's bins sum to the row's mass
+    run.flush();
+    top_p_select(w, sl.len, p.top_p, hist, hist + kHistBins, s, parity, row.tau, row.total);
+    return row;
+  }
   acc = block_reduce(acc, s.warp_sums, [](unsigned long long a, unsigned long long b) { return a + b; });
   cluster_exchange(acc, s, parity, [&](unsigned, unsigned long long v) { row.total += v; });
-  if (top_p) top_p_select(w, sl.len, top_p_need(p.top_p, row.total), hist, hparity, s, row.tau, row.total);
   return row;
 }
 
@@ -355,7 +393,7 @@ __global__ void __launch_bounds__(kSampleThreads) verify_sample_kernel(VerifyPar
   extern __shared__ __align__(16) unsigned long long sample_smem[];
   __shared__ SampleSmem s;
   const RowSlice sl = this_row_slice(p.vocab, slice_len);
-  unsigned long long* hist = sample_smem;  // [2][kHistBins]
+  unsigned long long* hist = sample_smem;  // top-p's histogram, then this block's share of it summed
   uint64_t* w = w_global != nullptr ? w_global + static_cast<int64_t>(blockIdx.x) * slice_len
                                     : reinterpret_cast<uint64_t*>(sample_smem + 2 * kHistBins);
   const int64_t b = sl.row;
@@ -363,12 +401,12 @@ __global__ void __launch_bounds__(kSampleThreads) verify_sample_kernel(VerifyPar
   const int64_t nn = tree_nodes(p.num_nodes, b, p.size);
   const int n = nn < 1 ? 1 : (nn > p.size ? p.size : static_cast<int>(nn));
   const uint32_t seq = static_cast<uint32_t>(b);
-  int parity = 0, hparity = 0;
+  int parity = 0;
   int cur = 0, depth = 0;
   if (threadIdx.x == 0) s.path[0] = 0;
   while (true) {
     const SampleRow<T> row = load_row(p, static_cast<const T*>(p.logits) + (row0 + cur) * p.vocab, sl, w, hist, s,
-                                      parity, hparity);
+                                      parity);
     // Children of `cur`, in index order (they all come after it).
     if (threadIdx.x < 32) {
       int base = 0;
@@ -485,7 +523,7 @@ cudaError_t launch_greedy_logits(const VerifyParams& p, cudaStream_t st) {
 template <typename T>
 cudaError_t launch_sample(const VerifyParams& p, cudaStream_t st) {
   // Slices of >= 4096 weights over up to 8 blocks, in shared memory up to 160 KB each (else in
-  // global scratch), after the two top-p histograms.
+  // global scratch), after top-p's histogram and the summed share of it.
   SlicePlan plan = plan_row_slices(p.vocab, p.batch, sizeof(uint64_t), 8, 4096 * sizeof(uint64_t), 160 * 1024, 8);
   uint64_t* w_global = nullptr;
   if (!plan.cached) {
