@@ -52,6 +52,24 @@ def test_cuda_matches_cpu_large(draft, top_p):
     outputs_equal(cuda, cpu)
 
 
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [0.5, 4.0])
+@pytest.mark.parametrize("top_p", [0.2, 0.95, 0.999999])
+def test_cuda_top_p_matches_cpu(dtype, scale, top_p):
+    # Flat and peaked rows over a vocabulary split across 8 blocks: top-p's threshold falls among
+    # light or heavy weights, and bf16 rows hold many equal weights.
+    gen = torch.Generator().manual_seed(5)
+    batch, size, vocab = 16, 3, 151936
+    tokens, parents, num_nodes = random_trees(batch, size, 20, "chain", gen)
+    logits = (scale * torch.randn(batch, size, vocab, generator=gen)).to(dtype)
+    for seed in range(3):
+        cpu = verify_sample(tokens, parents, logits, num_nodes, temperature=0.8, top_p=top_p, seed=seed)
+        cuda = verify_sample(tokens.cuda(), parents.cuda(), logits.cuda(), num_nodes.cuda(), temperature=0.8,
+                             top_p=top_p, seed=seed)
+        outputs_equal(cuda, cpu)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_reproducible_and_seeded(device):
     gen = torch.Generator().manual_seed(2)

@@ -263,6 +263,7 @@ __device__ void top_p_select(const uint64_t* w, int len, double top_p, unsigned 
   const int per = share > kSampleThreads ? share / kSampleThreads : 1;  // bins per thread in a scan
   uint64_t lo = 0, above = 0, need = 0;
   int bits = -1, shift = 0;  // tau in [lo, lo + 2^bits), keyed by (w - lo) >> shift; -1: first level
+  int exact_bits = 0;        // weights in tau's range are multiples of 2^exact_bits
   while (true) {
     if (bits >= 0) {
       for (int i = threadIdx.x; i < kHistBins; i += kSampleThreads) hist[i] = 0;
@@ -337,17 +338,18 @@ __device__ void top_p_select(const uint64_t* w, int len, double top_p, unsigned 
       const int e = d >> 5, m = d & 31;
       lo = e >= 5 ? static_cast<uint64_t>(32 + m) << (e - 5) : static_cast<uint64_t>(32 + m) >> (5 - e);
       bits = e >= 5 ? e - 5 : 0;
+      exact_bits = e >= kWeightSignificandBits ? e - (kWeightSignificandBits - 1) : 0;
     } else {
       lo += static_cast<uint64_t>(d) << shift;
       bits = shift;
     }
     above = s.cross_above;
-    if (bits == 0) {
+    if (bits <= exact_bits) {  // one weight left in range: lo
       tau = lo;
       kept = above + s.cross_mass;
       return;
     }
-    shift = bits > kHistBits ? bits - kHistBits : 0;
+    shift = bits - kHistBits > exact_bits ? bits - kHistBits : exact_bits;
     __syncthreads();  // s.cross_* is rewritten next level
   }
 }
@@ -368,17 +370,26 @@ __device__ SampleRow<T> load_row(const VerifyParams& p, const T* logits, const R
   });
   // The second read comes from L2; element tid + k * threads keeps the 8-byte stores
   // conflict-free.
+  // Weights below top_p_floor share the lowest bin, which tau never reaches: fewer updates.
   MassRun run{MassHist(hist), 0, 0};
-  unsigned long long acc = 0;
+  const uint64_t heavy = top_p ? top_p_floor(p.top_p, p.vocab) : 0;
+  unsigned long long acc = 0, light = 0;
 #pragma unroll 4
   for (int i = threadIdx.x; i < sl.len; i += kSampleThreads) {
     const uint64_t x = det_weight(to_float(logits[sl.begin + i]), row.vmax, row.inv_t);
     w[i] = x;
     acc += x;
-    if (top_p && x > 0) run.add(top_p_key(x), x);
+    if (!top_p || x == 0) continue;
+    if (x >= heavy)
+      run.add(top_p_key(x), x);
+    else
+      light += x;
   }
   if (top_p) {  // the histogram's bins sum to the row's mass
     run.flush();
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) light += __shfl_xor_sync(0xffffffffu, light, off);
+    if (threadIdx.x % 32 == 0 && light > 0) run.hist.add(0, light);
     top_p_select(w, sl.len, p.top_p, hist, hist + kHistBins, s, parity, row.tau, row.total);
     return row;
   }

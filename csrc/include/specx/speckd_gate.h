@@ -30,8 +30,10 @@ SPECX_HD DetExp det_exp(float x) {
   return {p, static_cast<int>(n)};
 }
 
-// Unnormalised probability exp((v - vmax) * inv_temp) in fixed point with 2^-40 resolution.
+// Unnormalised probability exp((v - vmax) * inv_temp) in fixed point with 2^-40 resolution, a
+// 24-bit significand shifted: no bits are set more than 23 below the leading one.
 constexpr int kFixedBits = 40;
+constexpr int kWeightSignificandBits = 24;
 
 SPECX_HD uint64_t det_weight(float v, float vmax, float inv_temp) {
   const DetExp e = det_exp(exact_mul(exact_add(v, -vmax), inv_temp));

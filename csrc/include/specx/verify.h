@@ -4,6 +4,7 @@
 #include "specx/exact.h"
 #include "specx/philox.h"
 #include "specx/speckd.h"  // DType
+#include "specx/speckd_gate.h"  // kFixedBits
 
 namespace specx {
 
@@ -76,6 +77,13 @@ SPECX_HD uint64_t sample_target(double pick, uint64_t total) {
 SPECX_HD uint64_t top_p_need(double top_p, uint64_t total) {
   const uint64_t need = static_cast<uint64_t>(exact_dmul(top_p, static_cast<double>(total)));
   return need > 0 ? need : 1;  // the top token is always kept
+}
+
+// A weight that top-p's threshold never falls below: the lighter tokens together hold less than
+// 1 - top_p of any row's mass, since a row's top token alone weighs 2^kFixedBits. The margin
+// covers this bound's rounding and top_p_need's.
+SPECX_HD uint64_t top_p_floor(double top_p, int64_t vocab) {
+  return static_cast<uint64_t>((1.0 - top_p) * ldexp(1.0, kFixedBits) / static_cast<double>(vocab) * (1.0 - 1e-6));
 }
 
 int verify_greedy_cuda(const VerifyParams& params, void* stream);
