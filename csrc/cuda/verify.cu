@@ -123,7 +123,6 @@ constexpr int kHistBins = 1 << kHistBits;
 struct SampleSmem {
   unsigned long long warp_sums[32];
   float warp_max[32];
-  unsigned long long prefix[kSampleThreads];
   unsigned long long warp_totals[kSampleThreads / 32];
   unsigned long long slot[2];  // this block's value in a cluster exchange (alternating)
   int64_t child_tok[kMaxTreeSizeCuda];
@@ -198,7 +197,7 @@ __device__ void cluster_sample(uint64_t target, const RowSlice& sl, int64_t voca
     total += v;
   });
   if (own > 0 && before <= target && target - before < own) {
-    const int64_t i = verify_cuda::block_sample(sl.len, target - before, s.prefix, s.warp_totals, &s.result, weight);
+    const int64_t i = verify_cuda::block_sample(sl.len, target - before, s.warp_totals, &s.result, weight);
     if (threadIdx.x == 0) *out = sl.begin + i;
   } else if (target >= total && sl.rank == 0 && threadIdx.x == 0) {
     *out = vocab - 1;
@@ -368,22 +367,34 @@ __device__ SampleRow<T> load_row(const VerifyParams& p, const T* logits, const R
   cluster_exchange(__float_as_uint(m), s, parity, [&](unsigned, unsigned long long v) {
     row.vmax = fmaxf(row.vmax, __uint_as_float(static_cast<uint32_t>(v)));
   });
-  // The second read comes from L2; element tid + k * threads keeps the 8-byte stores
+  // The second read comes from L2, kLoads values per thread in flight (loads are not moved
+  // above the stores to w, which might alias); element tid + k * threads keeps the 8-byte stores
   // conflict-free.
   // Weights below top_p_floor share the lowest bin, which tau never reaches: fewer updates.
   MassRun run{MassHist(hist), 0, 0};
   const uint64_t heavy = top_p ? top_p_floor(p.top_p, p.vocab) : 0;
   unsigned long long acc = 0, light = 0;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < sl.len; i += kSampleThreads) {
-    const uint64_t x = det_weight(to_float(logits[sl.begin + i]), row.vmax, row.inv_t);
-    w[i] = x;
-    acc += x;
-    if (!top_p || x == 0) continue;
-    if (x >= heavy)
-      run.add(top_p_key(x), x);
-    else
-      light += x;
+  constexpr int kLoads = 8;
+  for (int base = threadIdx.x; base < sl.len; base += kLoads * kSampleThreads) {
+    float v[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = base + u * kSampleThreads;
+      v[u] = i < sl.len ? to_float(__ldg(logits + sl.begin + i)) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = base + u * kSampleThreads;
+      if (i >= sl.len) break;
+      const uint64_t x = det_weight(v[u], row.vmax, row.inv_t);
+      w[i] = x;
+      acc += x;
+      if (!top_p || x == 0) continue;
+      if (x >= heavy)
+        run.add(top_p_key(x), x);
+      else
+        light += x;
+    }
   }
   if (top_p) {  // the histogram's bins sum to the row's mass
     run.flush();

@@ -60,13 +60,4 @@ __device__ __forceinline__ BlockScan<T> block_scan(T v, T* warp_totals) {
   return out;
 }
 
-// block_scan written to prefix[threadIdx.x]; returns the block total to every thread.
-__device__ __forceinline__ unsigned long long block_exclusive_scan(unsigned long long v, unsigned long long* prefix,
-                                                                   unsigned long long* warp_totals) {
-  const BlockScan<unsigned long long> scan = block_scan(v, warp_totals);
-  prefix[threadIdx.x] = scan.before;
-  __syncthreads();
-  return scan.total;
-}
-
 }  // namespace specx

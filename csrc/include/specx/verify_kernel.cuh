@@ -75,53 +75,44 @@ __device__ __forceinline__ void for_each_value(const T* g, int len, int threads,
   for (int i = scalar_from + threadIdx.x; i < len; i += threads) f(to_float(g[i]));
 }
 
-// Sum over v < vocab of f(v) (uint64), returned to every thread.
+// The first i < len whose inclusive prefix sum of weight(i) exceeds `target` (< the total). Each
+// warp sums a contiguous chunk, its lanes side by side (conflict-free shared-memory reads); the
+// warp holding the target scans its chunk 32 weights at a time.
 template <typename F>
-__device__ uint64_t block_sum(int64_t vocab, uint64_t* scratch, F&& f) {
+__device__ int64_t block_sample(int64_t len, uint64_t target, unsigned long long* warp_totals, int64_t* result,
+                                F&& weight) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  const int64_t chunk = (len + nwarps * 32 - 1) / (nwarps * 32) * 32;
+  const int64_t lo = warp * chunk, hi = lo + chunk < len ? lo + chunk : len;
+  unsigned long long own = 0;
+  for (int64_t i = lo + lane; i < hi; i += 32) own += weight(i);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) own += __shfl_xor_sync(0xffffffffu, own, off);
+  if (lane == 0) warp_totals[warp] = own;
+  if (threadIdx.x == 0) *result = len - 1;
+  __syncthreads();
   unsigned long long acc = 0;
-  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) acc += f(v);
-  acc = block_reduce(acc, reinterpret_cast<unsigned long long*>(scratch),
-                     [](unsigned long long a, unsigned long long b) { return a + b; });
-  if (threadIdx.x == 0) scratch[32] = acc;
-  __syncthreads();
-  return scratch[32];
-}
-
-template <typename F>
-__device__ float block_max(int64_t vocab, float* scratch, F&& f) {
-  float m = -INFINITY;
-  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) m = fmaxf(m, f(v));
-  m = block_reduce(m, scratch, [](float a, float b) { return fmaxf(a, b); });
-  if (threadIdx.x == 0) scratch[32] = m;
-  __syncthreads();
-  return scratch[32];
-}
-
-// The first v whose inclusive prefix sum of weight(v) exceeds `target` (< the total). Each
-// thread sums a contiguous segment; the one holding the target scans it.
-template <typename F>
-__device__ int64_t block_sample(int64_t vocab, uint64_t target, unsigned long long* prefix,
-                                unsigned long long* warp_totals, int64_t* result, F&& weight) {
-  const int64_t seg = (vocab + blockDim.x - 1) / blockDim.x;
-  const int64_t lo = threadIdx.x * seg, hi = lo + seg < vocab ? lo + seg : vocab;
-  unsigned long long local = 0;
-  for (int64_t v = lo; v < hi; ++v) local += weight(v);
-  if (threadIdx.x == 0) *result = vocab - 1;
-  block_exclusive_scan(local, prefix, warp_totals);
-  const unsigned long long before = prefix[threadIdx.x];
-  if (local > 0 && before <= target && target < before + local) {
-    unsigned long long acc = before;
-    for (int64_t v = lo; v < hi; ++v) {
-      acc += weight(v);
-      if (acc > target) {
-        *result = v;
+  for (int w = 0; w < warp; ++w) acc += warp_totals[w];
+  if (own > 0 && acc <= target && target - acc < own) {
+    for (int64_t base = lo; base < hi; base += 32) {
+      const int64_t i = base + lane;
+      unsigned long long incl = i < hi ? weight(i) : 0;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const unsigned long long up = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += up;
+      }
+      const unsigned hit = __ballot_sync(0xffffffffu, acc + incl > target);
+      if (hit != 0) {
+        if (lane == __ffs(hit) - 1) *result = i;
         break;
       }
+      acc += __shfl_sync(0xffffffffu, incl, 31);
     }
   }
   __syncthreads();
   const int64_t sampled = *result;
-  __syncthreads();  // *result may be reused right after
+  __syncthreads();  // *result and warp_totals may be reused right after
   return sampled;
 }
 
