@@ -2,6 +2,8 @@
 // row) and dispatches on dtype. No torch headers here.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "specx/cluster_launch.cuh"
 #include "specx/topk_threshold_kernel.cuh"
 #include "specx/topk_threshold_row_kernel.cuh"
@@ -20,8 +22,8 @@ constexpr int64_t kRowKernelMinCols = 16384;
 
 constexpr int kRowKernelSmem = static_cast<int>(sizeof(topk_cuda::RowSelectShared));
 
-// The current device's SM count, or 0 where it cannot give a block the row kernel's 152 KB of
-// shared memory (H100 / H200 and A100 can; GPUs with 99 KB per block keep the cluster kernel).
+// The current device's SM count, or 0 where it cannot give a block the row kernel's 88 KB of
+// shared memory (a block of 88 KB fits every GPU of compute capability 8.0 or later).
 int row_kernel_sms() {
   int device = 0, per_block = 0, sms = 0;
   const bool queried =
@@ -36,7 +38,8 @@ cudaError_t launch_row_kernel(const TopKThresholdParams& prm, int sms, cudaStrea
   auto* kernel = topk_cuda::topk_threshold_row_kernel<T>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRowKernelSmem);
   if (err != cudaSuccess) return err;
-  const int64_t grid = prm.rows < sms ? prm.rows : sms;  // one block per SM, each looping over rows
+  // kRowBlocksPerSM blocks per SM, each looping over rows.
+  const int64_t grid = std::min<int64_t>(prm.rows, int64_t{sms} * topk_cuda::kRowBlocksPerSM);
   kernel<<<static_cast<unsigned>(grid), topk_cuda::kRowThreads, kRowKernelSmem, stream>>>(prm);
   return cudaSuccess;
 }

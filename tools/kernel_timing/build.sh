@@ -2,7 +2,7 @@
 # Builds a kernel timing binary for sm_90a, one op's CUDA launcher and its main here, against the
 # working tree or with variant headers first on the include path (a variant directory that holds
 # the launcher's source, e.g. verify.cu, replaces that too):
-#   ./tools/kernel_timing/build.sh OP OUT [INCLUDE_DIR...]    OP: topk_threshold, verify_sample
+#   ./tools/kernel_timing/build.sh OP OUT [INCLUDE_DIR...]    OP: topk_threshold, verify_sample, speckd
 # No GPU and no torch needed here; carry OUT to the GPU machine and run it there.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -13,7 +13,8 @@ shift 2
 case "$op" in
   topk_threshold) source=topk_threshold.cu ;;
   verify_sample) source=verify.cu ;;
-  *) echo "unknown op '$op' (topk_threshold, verify_sample)" >&2; exit 2 ;;
+  speckd) source=speckd.cu ;;
+  *) echo "unknown op '$op' (topk_threshold, verify_sample, speckd)" >&2; exit 2 ;;
 esac
 src="$root/csrc/cuda/$source"
 includes=""

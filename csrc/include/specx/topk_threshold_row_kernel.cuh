@@ -22,20 +22,24 @@
 
 namespace specx::topk_cuda {
 
-constexpr int kRowThreads = 1024;
+constexpr int kRowThreads = 512;
+constexpr int kRowBlocksPerSM = 2;  // one block's sample and select phases overlap the other's read
 constexpr int kRowWarps = kRowThreads / 32;
 constexpr int kCoarseBits = 11;
 constexpr int kFineBits = 16 - kCoarseBits;  // keys per coarse bin: 1 << kFineBits
 constexpr int kCoarseBins = 1 << kCoarseBits;
-constexpr int kMaxRange = 32768;    // the most keys counted one by one (128 KiB of counters)
+// The most keys counted one by one: 32-bit counters up to kMaxRange / 2 keys, beyond that two
+// 16-bit counters per word (64 KiB either way), exact while the range holds under 65536 keys.
+constexpr int kMaxRange = 32768;
 constexpr int kSampleStride = 16;   // one pack in 16 goes into the sample
 constexpr int kMinSampleKeys = 1024;  // fewer: skip the sample, take the exact coarse histogram
-constexpr int kRowUnroll = 4;       // 16-byte loads in flight per thread: 64 KiB per block
+constexpr int kSampleStaged = 1024;   // sample packs copied in ahead of their row
+constexpr int kRowUnroll = 4;         // 16-byte loads in flight per thread: 32 KiB per block
 
 struct RowSelectShared {
-  unsigned range_counts[kMaxRange];  // per key of the candidate range, zero between rows
+  unsigned range_counts[kMaxRange / 2];  // per key of the candidate range, zero between rows
   unsigned coarse[kCoarseBins];      // per top-11-bit bin, zero between rows
-  uint4 sample[kRowThreads];         // the next row's first sample packs, copied in during this row's read
+  uint4 sample[kSampleStaged];       // the next row's first sample packs, copied in during this row's read
   unsigned warp_sums[2][kRowWarps];
   unsigned found_bin, found_before;
 };
@@ -47,8 +51,9 @@ struct RankHit {
 
 // The bin of the want-th largest key (1 <= want <= total) among n counters in ascending key order,
 // n a multiple of 32 * kRowWarps. Warp w scans the w-th block of bins from the top, its lanes on
-// consecutive words (no bank conflicts). Called by the whole block; ends with a barrier.
-__device__ __forceinline__ RankHit find_rank(const unsigned* bins, int n, unsigned want, RowSelectShared& sh) {
+// consecutive counters (no bank conflicts). Called by the whole block; ends with a barrier.
+template <typename Count>
+__device__ __forceinline__ RankHit find_rank(const Count* bins, int n, unsigned want, RowSelectShared& sh) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int per_warp = n / kRowWarps;
   const int base = n - (warp + 1) * per_warp;
@@ -132,19 +137,20 @@ __device__ __forceinline__ bool row_is_sampled(const RowView<T>& row) {
   return row.packs / kSampleStride >= kMinSampleKeys / 8;
 }
 
-// Starts copying the sample's first kRowThreads packs (thread t: pack t) into `staging`.
+// Starts copying the sample's first kSampleStaged packs into `staging`; each thread copies the
+// packs it reads in coarse_histogram.
 template <typename T>
 __device__ __forceinline__ void prefetch_sample(const RowView<T>& row, uint4* staging) {
-  const int n = (row.packs + kSampleStride - 1) / kSampleStride;
-  if (row_is_sampled(row) && static_cast<int>(threadIdx.x) < n) {
-    const uint4* pack = row.pack_ptr() + static_cast<int64_t>(threadIdx.x) * kSampleStride;
-    cp_async_16(shared_address(staging + threadIdx.x), pack);
+  const int n = min((row.packs + kSampleStride - 1) / kSampleStride, kSampleStaged);
+  if (row_is_sampled(row)) {
+    for (int s = threadIdx.x; s < n; s += kRowThreads)
+      cp_async_16(shared_address(staging + s), row.pack_ptr() + static_cast<int64_t>(s) * kSampleStride);
   }
   cp_async_commit();
 }
 
 // The coarse histogram of every `stride`-th pack (stride 1: every element of the row); with
-// `staging`, the first kRowThreads of them come from prefetch_sample. Returns the keys counted.
+// `staging`, the first kSampleStaged of them come from prefetch_sample. Returns the keys counted.
 template <typename T>
 __device__ __forceinline__ unsigned coarse_histogram(const RowView<T>& row, int stride, unsigned* coarse,
                                                      const uint4* staging = nullptr) {
@@ -154,7 +160,7 @@ __device__ __forceinline__ unsigned coarse_histogram(const RowView<T>& row, int 
   if (staging != nullptr) cp_async_wait<0>();  // each thread reads only the pack it copied
   for (int s = threadIdx.x; s < n; s += kRowThreads) {
     const uint4 p =
-        staging != nullptr && s < kRowThreads ? staging[s] : __ldg(packs + static_cast<int64_t>(s) * stride);
+        staging != nullptr && s < kSampleStaged ? staging[s] : __ldg(packs + static_cast<int64_t>(s) * stride);
     const uint32_t words[4] = {p.x, p.y, p.z, p.w};
 #pragma unroll
     for (const uint32_t w : words) {
@@ -170,17 +176,26 @@ __device__ __forceinline__ unsigned coarse_histogram(const RowView<T>& row, int 
   return 8u * n;
 }
 
+// Adds one to key i's counter: range_counts[i], or with `packed` the 16-bit half i % 2 of
+// range_counts[i / 2].
+__device__ __forceinline__ void count_key(unsigned* range_counts, uint32_t i, bool packed) {
+  if (packed)
+    atomicAdd(&range_counts[i >> 1], 1u << ((i & 1u) << 4));
+  else
+    atomicAdd(&range_counts[i], 1u);
+}
+
 // One read of the row: keys above [lo, lo + span) counted in the result's x, keys inside it
-// counted per key into range_counts[key - lo] and in the result's y (per thread).
+// counted per key (count_key) and in the result's y (per thread).
 template <typename T>
 __device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo, uint32_t span,
-                                             unsigned* range_counts) {
+                                             unsigned* range_counts, bool packed) {
   const uint32_t above_from = lo + span;
   unsigned above = 0, inside = 0;
   auto add = [&](uint32_t key) {
     above += key >= above_from;
     if (key - lo < span) {
-      atomicAdd(&range_counts[key - lo], 1u);
+      count_key(range_counts, key - lo, packed);
       ++inside;
     }
   };
@@ -215,7 +230,7 @@ __device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo,
         uint32_t key = keys[0];
 #pragma unroll
         for (int q = 1; q < 8; ++q) key = q == j ? keys[q] : key;
-        atomicAdd(&range_counts[key - lo], 1u);
+        count_key(range_counts, key - lo, packed);
         ++inside;
       }
     }
@@ -231,11 +246,11 @@ __device__ __forceinline__ void clear_counts(unsigned* counts, int n) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kRowThreads, 1) topk_threshold_row_kernel(const TopKThresholdParams prm) {
+__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) topk_threshold_row_kernel(const TopKThresholdParams prm) {
   static_assert(sizeof(T) == 2, "16-bit keys");
   extern __shared__ __align__(16) unsigned char row_smem[];
   RowSelectShared& sh = *reinterpret_cast<RowSelectShared*>(row_smem);
-  clear_counts(sh.range_counts, kMaxRange);
+  clear_counts(sh.range_counts, kMaxRange / 2);
   clear_counts(sh.coarse, kCoarseBins);
   const int64_t C = prm.cols;
   const unsigned k = static_cast<unsigned>(prm.k);
@@ -267,20 +282,24 @@ __global__ void __launch_bounds__(kRowThreads, 1) topk_threshold_row_kernel(cons
       const uint32_t hi_end = (bin_hi + 1) << kFineBits;
       const uint32_t span = min(hi_end - (bin_lo << kFineBits), static_cast<uint32_t>(kMaxRange));
       const uint32_t lo = hi_end - span;
-      const uint2 mine = count_range(row, lo, span, sh.range_counts);
+      const int counted = static_cast<int>((span + 32 * kRowWarps - 1) / (32 * kRowWarps) * (32 * kRowWarps));
+      const bool packed = counted > kMaxRange / 2;
+      const uint2 mine = count_range(row, lo, span, sh.range_counts, packed);
       __syncthreads();
       const uint2 total = block_sum2(mine.x, mine.y, sh);  // keys above the range, inside it
-      const int counted = static_cast<int>((span + 32 * kRowWarps - 1) / (32 * kRowWarps) * (32 * kRowWarps));
-      if (total.x < k && k <= total.x + total.y) {
-        const RankHit hit = find_rank(sh.range_counts, counted, k - total.x, sh);
+      // A 16-bit counter may have wrapped once the range holds 65536 keys: take the exact bin.
+      if (total.x < k && k <= total.x + total.y && (!packed || total.y < 65536u)) {
+        const RankHit hit = packed ? find_rank(reinterpret_cast<const unsigned short*>(sh.range_counts), counted,
+                                               k - total.x, sh)
+                                   : find_rank(sh.range_counts, counted, k - total.x, sh);
         if (threadIdx.x == 0) {
           static_cast<T*>(prm.threshold)[r] = value_of_key<T>(lo + hit.bin);
           prm.count_greater[r] = static_cast<int64_t>(total.x) + hit.before;
         }
-        clear_counts(sh.range_counts, counted);
+        clear_counts(sh.range_counts, packed ? counted / 2 : counted);
         break;
       }
-      clear_counts(sh.range_counts, counted);
+      clear_counts(sh.range_counts, packed ? counted / 2 : counted);
       coarse_histogram(row, 1, sh.coarse);
       __syncthreads();
       bin_lo = bin_hi = find_rank(sh.coarse, kCoarseBins, k, sh).bin;
