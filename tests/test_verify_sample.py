@@ -70,6 +70,25 @@ def test_cuda_top_p_matches_cpu(dtype, scale, top_p):
         outputs_equal(cuda, cpu)
 
 
+@cuda_only
+@pytest.mark.parametrize("draft", [False, True])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_cuda_uncached_slices_match_cpu(draft, top_p):
+    # A vocabulary past 8 blocks x 160 KB of weights: the slices live in global scratch.
+    gen = torch.Generator().manual_seed(9)
+    batch, size, vocab = 4, 5, 200003
+    tokens, parents, num_nodes = random_trees(batch, size, 30, "random", gen)
+    logits = 3 * torch.randn(batch, size, vocab, generator=gen)
+    logits[..., :30] += 5
+    logits = logits.to(torch.bfloat16)
+    q = torch.softmax(logits.float(), -1) if draft else None
+    for seed in range(3):
+        cpu = verify_sample(tokens, parents, logits, num_nodes, q, temperature=0.9, top_p=top_p, seed=seed)
+        cuda = verify_sample(tokens.cuda(), parents.cuda(), logits.cuda(), num_nodes.cuda(),
+                             None if q is None else q.cuda(), temperature=0.9, top_p=top_p, seed=seed)
+        outputs_equal(cuda, cpu)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_reproducible_and_seeded(device):
     gen = torch.Generator().manual_seed(2)
