@@ -546,7 +546,8 @@ template <typename T>
 cudaError_t launch_sample(const VerifyParams& p, cudaStream_t st) {
   // Slices of >= 4096 weights over up to 8 blocks, in shared memory up to 160 KB each (else in
   // global scratch), after top-p's histogram and the summed share of it.
-  SlicePlan plan = plan_row_slices(p.vocab, p.batch, sizeof(uint64_t), 8, 4096 * sizeof(uint64_t), 160 * 1024, 8);
+  SlicePlan plan = plan_row_slices(p.vocab, p.batch, sizeof(uint64_t), 8, 4096 * sizeof(uint64_t), 160 * 1024,
+                                   kMaxSampleCluster);
   uint64_t* w_global = nullptr;
   if (!plan.cached) {
     const cudaError_t err =
