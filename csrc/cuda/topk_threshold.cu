@@ -3,8 +3,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "specx/cluster_launch.cuh"
+#include "specx/device_info.h"
 #include "specx/topk_threshold_kernel.cuh"
 #include "specx/topk_threshold_row_kernel.cuh"
 
@@ -24,19 +26,13 @@ constexpr int kRowKernelSmem = static_cast<int>(sizeof(topk_cuda::RowSelectShare
 
 // The current device's SM count, or 0 where it cannot give a block the row kernel's 88 KB of
 // shared memory (a block of 88 KB fits every GPU of compute capability 8.0 or later).
-int row_kernel_sms() {
-  int device = 0, per_block = 0, sms = 0;
-  const bool queried =
-      cudaGetDevice(&device) == cudaSuccess &&
-      cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess;
-  return queried && per_block >= kRowKernelSmem ? sms : 0;
-}
+int row_kernel_sms() { return max_smem_per_block() >= kRowKernelSmem ? sm_count() : 0; }
 
 template <typename T>
 cudaError_t launch_row_kernel(const TopKThresholdParams& prm, int sms, cudaStream_t stream) {
   auto* kernel = topk_cuda::topk_threshold_row_kernel<T>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRowKernelSmem);
+  static std::atomic<uint64_t> smem_set;
+  const cudaError_t err = set_max_dynamic_smem_once(reinterpret_cast<const void*>(kernel), kRowKernelSmem, smem_set);
   if (err != cudaSuccess) return err;
   // kRowBlocksPerSM blocks per SM, each looping over rows.
   const int64_t grid = std::min<int64_t>(prm.rows, int64_t{sms} * topk_cuda::kRowBlocksPerSM);

@@ -33,6 +33,16 @@ inline int sm_count() {
   });
 }
 
+// The most shared memory the current device can give one block (with the opt-in attribute).
+inline int max_smem_per_block() {
+  static std::atomic<int> cache[kCachedDevices];
+  return cached_for_device(cache, [](int device) {
+    int bytes = 0;
+    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return bytes;
+  });
+}
+
 // The current device's compute capability as 10 * major + minor.
 inline int compute_capability() {
   static std::atomic<int> cache[kCachedDevices];
