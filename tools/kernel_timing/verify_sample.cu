@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "specx/verify.h"
+#include "specx/verify_kernel.cuh"
 #include "timing.cuh"
 
 __global__ void fill_logits(__nv_bfloat16* x, long long n) {
@@ -27,24 +28,11 @@ __global__ void fill_parents(int64_t* parents, int size) {
   parents[b * size + i] = i == 0 ? -1 : static_cast<int64_t>(h % i);
 }
 
-// The argmax (lowest index among equals) of each row, one block per row.
-__global__ void row_argmax(const __nv_bfloat16* x, long long cols, int64_t* out) {
-  __shared__ float best_v[256];
-  __shared__ long long best_i[256];
-  float v = -INFINITY;
-  long long at = 0;
-  for (long long i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float y = __bfloat162float(x[blockIdx.x * cols + i]);
-    if (y > v) v = y, at = i;
-  }
-  best_v[threadIdx.x] = v;
-  best_i[threadIdx.x] = at;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int t = 1; t < blockDim.x; ++t)
-      if (best_v[t] > v || (best_v[t] == v && best_i[t] < at)) v = best_v[t], at = best_i[t];
-    out[blockIdx.x] = at;
-  }
+// The argmax (lowest index among equals) of each row, one block per row: the sampling verify's own.
+__global__ void argmax_rows(const __nv_bfloat16* x, long long cols, int64_t* out) {
+  __shared__ specx::verify_cuda::ArgMax scratch[33];
+  const specx::verify_cuda::ArgMax best = specx::verify_cuda::row_argmax(x + blockIdx.x * cols, cols, scratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = best.index;
 }
 
 // A node's token: the argmax of its parent's row (the root keeps its own).
@@ -68,7 +56,7 @@ int main(int argc, char** argv) {
   cudaMalloc(&next_token, batch * 8);
   fill_logits<<<4096, 256>>>(logits, rows * vocab);
   fill_parents<<<batch, size>>>(parents, size);
-  row_argmax<<<rows, 256>>>(logits, vocab, argmax);
+  argmax_rows<<<rows, 256>>>(logits, vocab, argmax);
   tokens_from_parents<<<(rows + 255) / 256, 256>>>(parents, argmax, tokens, static_cast<int>(rows), size);
   specx::VerifyParams prm{};
   prm.node_tokens = tokens;
