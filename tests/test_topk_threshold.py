@@ -103,7 +103,8 @@ def test_cuda_one_block_per_row_kernel(dtype):
     periodic = torch.randn(3, 40960, generator=gen)
     periodic[:, ::128] += 100
     # Around the median of normal rows the range spans the tiny magnitudes of both signs, more than
-    # 16384 keys: 16-bit counters. With 70000 zeros there, a counter passes 65535.
+    # 16384 keys: 16-bit counters. With 70000 zeros the k-th key at the median is +0, whose count
+    # passes 65535.
     zeros = torch.randn(2, 150000, generator=gen) * 3
     zeros[:, :70000] = 0
     cases = {
