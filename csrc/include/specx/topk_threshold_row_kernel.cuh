@@ -266,11 +266,24 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) topk_threshold_r
       const float p = static_cast<float>(k) / static_cast<float>(C);
       const float mid = p * sampled, margin = 5.0f * sqrtf(sampled * p * (1.0f - p)) + 2.0f;
       const float rank_hi = floorf(mid - margin), rank_lo = ceilf(mid + margin);
-      bin_hi = rank_hi >= 1.0f ? find_rank(sh.coarse, kCoarseBins, static_cast<unsigned>(rank_hi), sh).bin
-                               : kCoarseBins - 1;
-      bin_lo = rank_lo <= static_cast<float>(sampled)
-                   ? find_rank(sh.coarse, kCoarseBins, static_cast<unsigned>(rank_lo), sh).bin
-                   : 0;
+      const RankHit top = rank_hi >= 1.0f ? find_rank(sh.coarse, kCoarseBins, static_cast<unsigned>(rank_hi), sh)
+                                          : RankHit{kCoarseBins - 1, 0};
+      const RankHit bottom = rank_lo <= static_cast<float>(sampled)
+                                 ? find_rank(sh.coarse, kCoarseBins, static_cast<unsigned>(rank_lo), sh)
+                                 : RankHit{0, sampled - sh.coarse[0]};
+      bin_hi = top.bin;
+      bin_lo = bottom.bin;
+      // A wide range the sample says holds 32768 keys or more would likely overflow 16-bit counters
+      // (a constant row with k = 1, say): count 16384 keys around the sample's k-th instead.
+      const unsigned in_sample = bottom.before + sh.coarse[bin_lo] - top.before;
+      constexpr uint32_t kWindowBins = (kMaxRange / 2) >> kFineBits;
+      if (bin_hi - bin_lo >= kWindowBins &&
+          static_cast<float>(in_sample) * static_cast<float>(C) >= 32768.0f * static_cast<float>(sampled)) {
+        const uint32_t mid_bin = find_rank(sh.coarse, kCoarseBins, static_cast<unsigned>(fmaxf(rintf(mid), 1.0f)), sh).bin;
+        const uint32_t from = mid_bin > bin_lo + kWindowBins / 2 ? mid_bin - kWindowBins / 2 : bin_lo;
+        bin_lo = min(from, bin_hi + 1 - kWindowBins);
+        bin_hi = bin_lo + kWindowBins - 1;
+      }
     } else {
       coarse_histogram(row, 1, sh.coarse);
       __syncthreads();
