@@ -276,6 +276,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) topk_threshold_r
       // A wide range the sample says holds 32768 keys or more would likely overflow 16-bit counters
       // (a constant row with k = 1, say): count 16384 keys around the sample's k-th instead.
       const unsigned in_sample = bottom.before + sh.coarse[bin_lo] - top.before;
+      __syncthreads();  // every thread has read the coarse bins before they are cleared
       constexpr uint32_t kWindowBins = (kMaxRange / 2) >> kFineBits;
       if (bin_hi - bin_lo >= kWindowBins &&
           static_cast<float>(in_sample) * static_cast<float>(C) >= 32768.0f * static_cast<float>(sampled)) {
