@@ -80,6 +80,25 @@ def test_mask_excludes_non_kept_exactly(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_few_ties_cut_anywhere(device):
+    """A few ties with the threshold at random places, of which only some are kept: on the GPU the
+    cut lands inside a block's slice, at a warp's chunk boundary, or between two blocks."""
+    rows, classes, above, ties = 64, 3000 if device == "cpu" else 128256, 20, 4
+    gen = torch.Generator().manual_seed(11)
+    teacher = torch.randn(rows, classes, generator=gen)
+    for r in range(rows):
+        at = torch.randperm(classes, generator=gen)[: above + ties]
+        teacher[r, at[:above]] = 60.0 + torch.arange(above).float()  # distinct, exact in bf16
+        teacher[r, at[above:]] = 50.0
+    student = teacher + torch.randn(rows, classes, generator=gen)
+    target = torch.randint(0, classes, (rows,), generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        s, t = student.to(dtype).to(device), teacher.to(dtype).to(device)
+        for kept_ties in range(1, ties + 1):
+            check_against_reference(s, t, target.to(device), k=above + kept_ties, temperature=2.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_all_rows_ignored_and_empty(device):
     student, teacher, _ = make_inputs(4, 9, torch.float32, device)
     target = torch.full((4,), -1, device=device)

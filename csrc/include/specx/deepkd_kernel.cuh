@@ -14,10 +14,11 @@
 //   d nckd / d s_j = T [j in K] (softmax_K(a)_j - softmax_K(b)_j)
 // Every sum over N is an online (running max, sum) pair relative to N's own maximum, taken while
 // the slice loads. The part of K above the threshold is summed in the same pass under the same
-// maxima (K is a subset of N, so it costs no exps of its own); the ties with the threshold are
-// listed while loading and the kept ones (lowest indices first, counted across the cluster) added
-// afterwards. K's teacher sum holds N's teacher maximum whenever K is not empty; its student sum
-// may underflow when all of K's student logits lie far below N's, and then K is summed again
+// maxima (K is a subset of N, so it costs no exps of its own). The ties with the threshold are
+// listed first and their counts exchanged across the cluster during that pass; a block then keeps
+// none of its ties, all, or (one block per row at most) its lowest-index ones, and sums those it
+// keeps. K's teacher sum holds N's teacher maximum whenever K is not empty; its student
+// sum may underflow when all of K's student logits lie far below N's, and then K is summed again
 // under its own maxima. Passes: load, then the gradients.
 #pragma once
 #include <cfloat>
@@ -27,8 +28,6 @@
 #include "specx/topk_threshold_kernel.cuh"
 
 namespace specx::deepkd_cuda {
-
-using topk_cuda::key_of;
 
 constexpr int kThreads = topk_cuda::kThreads;
 
@@ -78,8 +77,9 @@ struct ExpSumAcc {
 };
 
 // A thread's running sum over N of exp2((x - m) scale), x a raw logit and m their running maximum
-// (raise moves it to a larger one), that also sums, under the same maximum, over N's classes above the top-k threshold. The exps'
-// arguments are differences of logits, scaled: exact enough whatever the logits' magnitude.
+// (raise moves it to a larger one), that also sums, under the same maximum, over N's classes above
+// the top-k threshold. The exps' arguments are differences of logits, scaled: exact enough
+// whatever the logits' magnitude.
 struct ExpSumAbove {
   float m;
   float s;
@@ -136,12 +136,36 @@ struct ExpSumAccAbove {
 
 // Below this, K's student sum relative to N's student maximum may have lost flushed terms.
 constexpr float kKSumGuard = 0x1p-60f;
-// Ties with the threshold that a block lists while loading; a block with more counts them again.
+
+// Ties with the threshold that a block lists while loading; a block with more finds its kept ones
+// again (keep_lowest_ties).
 constexpr int kTieCapacity = kThreads;
 struct Tie {
   int i;    // local index
   float s;  // student logit
 };
+
+// Elements of a 16-byte pack equal to v as values (-0 == +0; NaN equals nothing): per 16-bit
+// element, 0xffff where equal; per float, 1.
+template <typename T>
+__device__ __forceinline__ uint32_t equal_bits(uint32_t word, T v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return __uint_as_float(word) == v;
+  } else {
+    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+    return __heq2_mask(*reinterpret_cast<const T2*>(&word), T2{v, v});
+  }
+}
+template <typename T>
+__device__ __forceinline__ unsigned count_equal(const uint4& pack, T v) {
+  const unsigned bits = __popc(equal_bits(pack.x, v)) + __popc(equal_bits(pack.y, v)) + __popc(equal_bits(pack.z, v)) +
+                        __popc(equal_bits(pack.w, v));
+  return std::is_same_v<T, float> ? bits : bits / 16;
+}
+template <typename T>
+__device__ __forceinline__ bool any_equal(const uint4& pack, T v) {
+  return (equal_bits(pack.x, v) | equal_bits(pack.y, v) | equal_bits(pack.z, v) | equal_bits(pack.w, v)) != 0;
+}
 
 // A block's count of ties with the threshold.
 struct TieCount {
@@ -181,32 +205,71 @@ __device__ __forceinline__ float log_add_exp(float x, float y) {
   return hi + log1pf(expf(lo - hi));
 }
 
-// The local index of the n-th (1-based, n <= their count) element of x[0, len) whose key is `key`,
-// in index order. Called by all threads of the block; each thread counts 8 consecutive elements of
-// a tile, and a scan over the threads finds the one holding the n-th.
+// A block that keeps its `keep` lowest-index ties with the threshold value thr_value (0 < keep <=
+// its ties): adds the kept ones of N (all but the target) into kept_a / kept_b, and returns the
+// local index of the last kept one, in every thread. Warp w's chunk holds its ties in index order
+// after the lower warps' (see WarpChunk): the warps wholly below the cut add all of theirs, and the
+// warp holding it walks its chunk 32 units a round to find the exact place. The ties are counted
+// a pack at a time; only the lanes that hold some look at single elements.
 template <typename T>
-__device__ int nth_equal_index(const T* x, int len, uint32_t key, unsigned n, unsigned* warp_totals, int* found) {
-  constexpr int kPer = 8;
-  if (threadIdx.x == 0) *found = -1;
-  for (int base = 0; base < len; base += kThreads * kPer) {
-    const int lo = min(len, base + static_cast<int>(threadIdx.x) * kPer), hi = min(len, lo + kPer);
-    unsigned mine = 0;
-    for (int i = lo; i < hi; ++i) mine += key_of(x[i]) == key;
-    const BlockScan<unsigned> scan = block_scan(mine, warp_totals);  // its barriers publish *found = -1
-    unsigned before = scan.before;
-    if (before < n && n <= before + mine) {
-      for (int i = lo; i < hi; ++i) {
-        if (key_of(x[i]) == key && ++before == n) {
-          *found = i;
-          break;
-        }
+__device__ int keep_lowest_ties(const T* rs, const T* rt, int len, bool vec, T thr_value, unsigned keep, int y_at,
+                                float inv_t, ExpSum& kept_a, ExpSumAcc& kept_b, unsigned* warp_totals, int* found) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const WarpChunk c = warp_chunk<kThreads, T>(len, vec, warp);
+  const int units = c.units();
+  const float thr = to_float(thr_value), b_thr = thr * inv_t;
+  auto ties_in = [&](int u) {
+    const int at = c.lo + u * c.unit;
+    if (c.unit == Pack<T>::kN && c.hi - at >= c.unit)
+      return count_equal<T>(*reinterpret_cast<const uint4*>(rt + at), thr_value);
+    unsigned n = 0;
+    for (int i = at; i < min(c.hi, at + c.unit); ++i) n += to_float(rt[i]) == thr;
+    return n;
+  };
+  // Adds the first `left` ties of unit u (all of them when left >= its count); the index of the
+  // left-th when it is reached there, else -1.
+  auto keep_in = [&](int u, unsigned left) {
+    int last = -1;
+    visit_unit(rs, rt, c, u, [&](int i, T sv, T tv) {
+      if (left == 0 || !(to_float(tv) == thr)) return;
+      if (--left == 0) last = i;
+      if (i == y_at) return;
+      kept_a.add(to_float(sv) * inv_t);
+      kept_b.add(b_thr, thr - to_float(sv));
+    });
+    return last;
+  };
+  unsigned mine = 0;
+  for (int u = lane; u < units; u += 32) mine += ties_in(u);
+  const unsigned warp_ties = __reduce_add_sync(~0u, mine);
+  if (lane == 0) warp_totals[warp] = warp_ties;
+  __syncthreads();
+  unsigned before = 0;
+  for (int w = 0; w < warp; ++w) before += warp_totals[w];
+  if (before + warp_ties < keep) {
+    if (mine > 0)
+      for (int u = lane; u < units; u += 32) keep_in(u, ~0u);
+  } else if (before < keep) {
+    unsigned need = keep - before;  // >= 1 ties of this chunk, in index order
+    for (int u0 = 0; u0 < units; u0 += 32) {
+      const unsigned n = u0 + lane < units ? ties_in(u0 + lane) : 0u;
+      unsigned incl = n;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const unsigned up = __shfl_up_sync(~0u, incl, off);
+        if (lane >= off) incl += up;
       }
+      if (n > 0 && incl - n < need) {
+        const int last = keep_in(u0 + lane, need - (incl - n));
+        if (incl >= need) *found = last;  // the one lane that holds the need-th
+      }
+      const unsigned round = __shfl_sync(~0u, incl, 31);
+      if (round >= need) break;
+      need -= round;
     }
-    __syncthreads();
-    if (*found >= 0) return *found;
-    n -= scan.total;
   }
-  return len - 1;  // not reached when n is in range
+  __syncthreads();
+  return *found;
 }
 
 // Writes the three gradients of a slice: f(i, s, t) -> float3 (s, t as floats), 16 bytes at a time
@@ -310,32 +373,45 @@ __global__ void __launch_bounds__(kThreads, 3)
   if (kTopK) __syncthreads();
 
   // Pass 1: stream the slice in (once): the sums over all classes, over N and (with a top-k) over
-  // N above the threshold, and the list of ties (the target included: the tie rule ranks the whole
-  // row). Each thread's running maxima move once per batch of packs, so every class costs three
-  // exps and no branch; only the batch holding the target takes the per-class path.
+  // N above the threshold, and the list of ties with the threshold (the target included: the tie
+  // rule ranks the whole row). Each thread's running maxima move once per batch of packs, so every
+  // class costs three exps and no branch; only the batch holding the target takes the per-class
+  // path.
   constexpr ExpSum kEmpty{-FLT_MAX, 0.0f};
   constexpr ExpSumAcc kEmptyAcc{-FLT_MAX, 0.0f, 0.0f};
   RowSums sums{kEmpty, kEmpty, kEmptyAcc, kEmpty, kEmptyAcc};
   ExpSumAbove nt_a{-FLT_MAX, 0.0f, 0.0f};
   ExpSumAccAbove nt_b{-FLT_MAX, 0.0f, 0.0f, 0.0f, 0.0f};
-  constexpr int kN = Pack<T>::kN, kUnroll = 4;
-  const float c = inv_t * kLog2e;  // exp((x - m) / T) = exp2((x - m) c)
+  unsigned ties_seen = 0;  // this thread's ties with the threshold
   auto list_tie = [&](int i, float s) {
+    ++ties_seen;
     const unsigned slot = atomicAdd(&tie_count, 1u);
     if (slot < kTieCapacity) ties_listed[slot] = {i, s};
   };
+  constexpr int kN = Pack<T>::kN, kUnroll = 4;
+  const float c = inv_t * kLog2e;  // exp((x - m) / T) = exp2((x - m) c)
   auto add_class = [&](int i, float s, float t) {
     sums.s1.add(s);
     if (i != y_at) {
       nt_a.add(s, c, kTopK && t > thr);
       nt_b.add(t, t - s, c, kTopK && t > thr);
     }
+  };
+  auto add_listed_class = [&](int i, float s, float t) {
     if (kTopK && t == thr) list_tie(i, s);
+    add_class(i, s, t);
+  };
+  // The tie counts go out as soon as the block has listed its ties (push's barrier completes the
+  // list); the sums pass hides the round trip.
+  typename ClusterExchange<TieCount>::Sent tie_sent{};
+  auto send_tie_counts = [&] {
+    cluster_wait_started();
+    if constexpr (kTopK) tie_sent = tie_exchange.push<kThreads>(TieCount{ties_seen}, scratch.take<TieCount>(turn));
   };
   const int y_pack = y_at >= 0 && y_at / kN % kThreads == static_cast<int>(threadIdx.x) ? y_at / kN : -1;
   auto add_batch = [&](int first, int count, const uint4(&ps)[kUnroll], const uint4(&pt)[kUnroll]) {
     if (y_pack >= first && y_pack < first + count * kThreads) {
-      for_each_in_batch<kThreads, T>(first, count, ps, pt, add_class);
+      for_each_in_batch<kThreads, T>(first, count, ps, pt, add_listed_class);
       return;
     }
     PackMax<T> batch_max_s, batch_max_t;
@@ -375,6 +451,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     PackMax<T> pack_max_s, pack_max_t;
     float other_max_s = -INFINITY, other_max_t = -INFINITY;
     auto other_max = [&](int i, float s, float t) {
+      if (kTopK && t == thr) list_tie(i, s);
       if (i == y_at) return;
       other_max_s = fmaxf(other_max_s, s);
       other_max_t = fmaxf(other_max_t, t);
@@ -385,6 +462,14 @@ __global__ void __launch_bounds__(kThreads, 3)
           if (v != y_pack) {
             pack_max_s.add(a);
             pack_max_t.add(b);
+            if (kTopK && any_equal<T>(b, thr_value)) {
+              float fs[kN], ft[kN];
+              pack_to_floats<T>(a, fs);
+              pack_to_floats<T>(b, ft);
+#pragma unroll
+              for (int e = 0; e < kN; ++e)
+                if (ft[e] == thr) list_tie(v * kN + e, fs[e]);
+            }
             return;
           }
           float fs[kN], ft[kN];
@@ -394,6 +479,7 @@ __global__ void __launch_bounds__(kThreads, 3)
           for (int e = 0; e < kN; ++e) other_max(v * kN + e, fs[e], ft[e]);
         },
         [&](int i, T s, T t) { other_max(i, to_float(s), to_float(t)); });
+    send_tie_counts();
     const float m_s = fmaxf(pack_max_s.value(), other_max_s), m_t = fmaxf(pack_max_t.value(), other_max_t);
     const bool fast = fabsf(m_s) < 0x1p64f && fabsf(m_t) < 0x1p64f;  // false for an empty or all -inf N
     const ExpOffset o1 = exp_offset(m_s, kLog2e), oa = exp_offset(m_s, c), ob = exp_offset(m_t, c);
@@ -427,7 +513,6 @@ __global__ void __launch_bounds__(kThreads, 3)
                 fb_above += eb;
                 facc_above = fmaf(eb, t - s, facc_above);
               }
-              if (t == thr) list_tie(v * kN + e, s);
             }
           }
         },
@@ -450,14 +535,14 @@ __global__ void __launch_bounds__(kThreads, 3)
     }
   } else {
     load_slice_batches<kThreads, kUnroll>(gs, gt, cs, ct, len, cached, global_vec, add_batch,
-                                          [&](int i, T s, T t) { add_class(i, to_float(s), to_float(t)); });
+                                          [&](int i, T s, T t) { add_listed_class(i, to_float(s), to_float(t)); });
+    send_tie_counts();
   }
   sums.nt_a = {nt_a.m * inv_t, nt_a.s};
   sums.nt_b = {nt_b.m * inv_t, nt_b.s, nt_b.acc};
   const T* rs = cached ? cs : gs;
   const T* rt = cached ? ct : gt;
   const bool vec = cached || global_vec;
-  cluster_wait_started();
 
   if (kTopK) {
     sums.k_a = {nt_a.m * inv_t, nt_a.s_above};
@@ -465,20 +550,14 @@ __global__ void __launch_bounds__(kThreads, 3)
     // The ties kept are the (k - greater) lowest-index ones. The slices are in index order, so this
     // block keeps its `keep` lowest-index ties, after the lower blocks' ties; tie_at is the last
     // of them (-1 when none is).
-    __syncthreads();
-    const unsigned ties = tie_count;
-    tie_exchange.allreduce<kThreads>(TieCount{threadIdx.x == 0 ? ties : 0u}, scratch.take<TieCount>(turn));
+    const unsigned all_ties = tie_exchange.wait(tie_sent).n;
+    const unsigned ties = nblocks == 1 ? all_ties : tie_exchange.slots[rank].n;
     unsigned lower_ties = 0;
-    for (unsigned r = 0; r < rank; ++r) lower_ties += tie_exchange.slots[r].n;
+    for (int r = 0; r < rank; ++r) lower_ties += tie_exchange.slots[r].n;
     const auto remaining = static_cast<unsigned>(prm.k - prm.count_greater[row]);
     const unsigned keep = remaining <= lower_ties ? 0u : min(ties, remaining - lower_ties);
     ExpSum kept_a = kEmpty;
     ExpSumAcc kept_b = kEmptyAcc;
-    auto add_kept_tie = [&](int i, float s) {
-      if (i == y_at) return;
-      kept_a.add(s * inv_t);
-      kept_b.add(b_thr, thr - s);
-    };
     if (keep == 0) {
       tie_at = -1;
     } else if (ties <= kTieCapacity) {
@@ -490,17 +569,19 @@ __global__ void __launch_bounds__(kThreads, 3)
           for (unsigned j = 0; j < ties; ++j) lower += ties_listed[j].i < mine.i;
           if (lower == keep - 1) tie_found = mine.i;
         }
-        if (lower < keep) add_kept_tie(mine.i, mine.s);
+        if (lower < keep && mine.i != y_at) {
+          kept_a.add(mine.s * inv_t);
+          kept_b.add(b_thr, thr - mine.s);
+        }
       }
       if (keep < ties) {
         __syncthreads();
         tie_at = tie_found;
       }
     } else {
-      if (keep < ties) tie_at = nth_equal_index(rt, len, key_of(thr_value), keep, warp_totals, &tie_found);
-      for_each_pair<kThreads>(rs, rt, len, vec, [&](int i, T sv, T tv) {
-        if (to_float(tv) == thr && i <= tie_at) add_kept_tie(i, to_float(sv));
-      });
+      const int last = keep_lowest_ties(rs, rt, len, vec, thr_value, keep, y_at, inv_t, kept_a, kept_b, warp_totals,
+                                        &tie_found);
+      if (keep < ties) tie_at = last;
     }
     sums.k_a = combine(sums.k_a, kept_a);
     sums.k_b = combine(sums.k_b, kept_b);
