@@ -23,25 +23,22 @@ int cached_for_device(std::atomic<int> (&cache)[kCachedDevices], Read read) {
   return value;
 }
 
-// The current device's multiprocessor count.
-inline int sm_count() {
+// One integer attribute of the current device, cached per device (each attribute its own cache).
+template <cudaDeviceAttr kAttribute>
+int device_attribute() {
   static std::atomic<int> cache[kCachedDevices];
   return cached_for_device(cache, [](int device) {
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    return sms;
+    int value = 0;
+    cudaDeviceGetAttribute(&value, kAttribute, device);
+    return value;
   });
 }
 
+// The current device's multiprocessor count.
+inline int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
+
 // The most shared memory the current device can give one block (with the opt-in attribute).
-inline int max_smem_per_block() {
-  static std::atomic<int> cache[kCachedDevices];
-  return cached_for_device(cache, [](int device) {
-    int bytes = 0;
-    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    return bytes;
-  });
-}
+inline int max_smem_per_block() { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
 // The current device's compute capability as 10 * major + minor.
 inline int compute_capability() {

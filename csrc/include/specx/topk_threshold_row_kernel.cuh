@@ -246,7 +246,8 @@ __device__ __forceinline__ void clear_counts(unsigned* counts, int n) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) topk_threshold_row_kernel(const TopKThresholdParams prm) {
+__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
+    topk_threshold_row_kernel(const TopKThresholdParams prm) {
   static_assert(sizeof(T) == 2, "16-bit keys");
   extern __shared__ __align__(16) unsigned char row_smem[];
   RowSelectShared& sh = *reinterpret_cast<RowSelectShared*>(row_smem);
@@ -280,7 +281,8 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) topk_threshold_r
       constexpr uint32_t kWindowBins = (kMaxRange / 2) >> kFineBits;
       if (bin_hi - bin_lo >= kWindowBins &&
           static_cast<float>(in_sample) * static_cast<float>(C) >= 32768.0f * static_cast<float>(sampled)) {
-        const uint32_t mid_bin = find_rank(sh.coarse, kCoarseBins, static_cast<unsigned>(fmaxf(rintf(mid), 1.0f)), sh).bin;
+        const unsigned mid_rank = static_cast<unsigned>(fmaxf(rintf(mid), 1.0f));
+        const uint32_t mid_bin = find_rank(sh.coarse, kCoarseBins, mid_rank, sh).bin;
         const uint32_t from = mid_bin > bin_lo + kWindowBins / 2 ? mid_bin - kWindowBins / 2 : bin_lo;
         bin_lo = min(from, bin_hi + 1 - kWindowBins);
         bin_hi = bin_lo + kWindowBins - 1;
