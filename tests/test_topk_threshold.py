@@ -126,6 +126,29 @@ def test_cuda_one_block_per_row_kernel(dtype):
             assert torch.equal(threshold.cpu(), cpu_threshold) and torch.equal(count.cpu(), cpu_count), (name, k)
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_nan_rows_rank_by_key(dtype):
+    """NaNs rank by key: above +inf with the sign bit clear, below -inf with it set. Long rows with
+    NaNs (the one-block-per-row kernel counts them by key, not by value) match the CPU bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(4, 40000, generator=gen) * 3).to(dtype)
+    bits = x.view(torch.int16)
+    # Quiet NaN bits; as int16, minus 0x8000 is the same NaN with the sign bit set.
+    nan = 0x7E00 if dtype == torch.float16 else 0x7FC0
+    bits[0, ::997] = nan  # positive NaNs: the largest keys
+    bits[1, ::1009] = nan - 0x8000  # negative NaNs: the smallest keys
+    bits[2, 123] = nan
+    bits[3, 7::2003] = nan
+    bits[3, 11::2011] = nan - 0x8000
+    x[3, 5] = float("inf")
+    for k in (1, 5, 40, 41, 64, 2000, 20000, 39950, 39999, 40000):
+        threshold, count = torch.ops.specx.topk_threshold(x.cuda(), k)
+        cpu_threshold, cpu_count = torch.ops.specx.topk_threshold(x, k)
+        assert torch.equal(threshold.cpu().view(torch.int16), cpu_threshold.view(torch.int16)), k
+        assert torch.equal(count.cpu(), cpu_count), k
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous(device):
     x = torch.randn(40, 6, device=device).t()  # [6, 40], stride (1, 6)
