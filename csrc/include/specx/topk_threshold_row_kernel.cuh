@@ -272,16 +272,29 @@ __device__ __forceinline__ uint32_t halves_max_nan(uint32_t a, uint32_t b) {
 // count_range by value instead of by key: a NaN has no place in value order, but apart from NaN
 // (and -0 == +0, which share a key) a key lies in [lo, lo + span) exactly when its value lies
 // between the values of the range's ends, and above it when its value is greater. Two values per
-// compare make about a third of count_range's instructions per pack. The range is first clipped
-// to the keys of -inf and +inf (the keys beyond are NaNs). Returns count_range's counts in x and y,
-// and in z whether the thread met a NaN: then the counts are not the row's, and the caller counts
-// it again by key.
+// compare make about a third of count_range's instructions per pack. The range is clipped to the
+// keys of -inf and +inf (the keys beyond are NaNs).
+template <typename T>
+struct ValueRange {
+  static constexpr uint32_t kInfBits = std::is_same_v<T, __half> ? 0x7C00u : 0x7F80u;  // also the exponent mask
+  uint32_t first, last;  // clipped keys
+  __device__ ValueRange(uint32_t lo, uint32_t span)
+      : first(max(lo, ordered_key16(kInfBits | 0x8000u))), last(min(lo + span - 1, ordered_key16(kInfBits))) {}
+  // Ends that are normal numbers or infinities: a compare that flushes subnormal operands to zero
+  // decides the same for every value against them. (Without this check, rows of every 16-bit value
+  // faulted on the H200: in-range by value, out of range by key.)
+  __device__ bool countable() const {
+    return first <= last && (key_to_bits16(first) & kInfBits) != 0 && (key_to_bits16(last) & kInfBits) != 0;
+  }
+};
+// Returns count_range's counts in x and y, and in z whether the thread met a NaN: then the counts
+// are not the row's, and the caller counts it again by key. Requires a countable() range.
 template <typename T>
 __device__ __forceinline__ uint3 count_range_by_value(const RowView<T>& row, uint32_t lo, uint32_t span,
                                                       unsigned* range_counts, bool packed) {
-  constexpr uint32_t kInfBits = std::is_same_v<T, __half> ? 0x7C00u : 0x7F80u;
-  const uint32_t last = min(lo + span - 1, ordered_key16(kInfBits)), first = max(lo, ordered_key16(kInfBits | 0x8000u));
-  const uint32_t hi_pair = key_to_bits16(last) * 0x10001u, lo_pair = key_to_bits16(first) * 0x10001u;
+  constexpr uint32_t kInfBits = ValueRange<T>::kInfBits;
+  const ValueRange<T> range(lo, span);
+  const uint32_t hi_pair = key_to_bits16(range.last) * 0x10001u, lo_pair = key_to_bits16(range.first) * 0x10001u;
   unsigned above_halves = 0, inside = 0;  // above_halves: 16 per key
   uint32_t nan_max = 0;  // +0 in both halves
   const uint4* packs = row.pack_ptr();
@@ -395,10 +408,15 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
       const uint32_t lo = hi_end - span;
       const int counted = static_cast<int>((span + 32 * kRowWarps - 1) / (32 * kRowWarps) * (32 * kRowWarps));
       const bool packed = counted > kMaxRange / 2;
-      const uint3 by_value = count_range_by_value(row, lo, span, sh.range_counts, packed);
-      uint2 mine{by_value.x, by_value.y};
-      if (__syncthreads_or(by_value.z)) {  // rare: the row is read again, its keys counted
-        clear_counts(sh.range_counts, packed ? counted / 2 : counted);
+      uint2 mine;
+      if (ValueRange<T>(lo, span).countable()) {
+        const uint3 by_value = count_range_by_value(row, lo, span, sh.range_counts, packed);
+        mine = {by_value.x, by_value.y};
+        if (__syncthreads_or(by_value.z)) {  // rare: the row is read again, its keys counted
+          clear_counts(sh.range_counts, packed ? counted / 2 : counted);
+          mine = count_range(row, lo, span, sh.range_counts, packed);
+        }
+      } else {  // a range end at zero or subnormal (around the median of logits, say)
         mine = count_range(row, lo, span, sh.range_counts, packed);
       }
       __syncthreads();
