@@ -126,6 +126,44 @@ def test_cuda_one_block_per_row_kernel(dtype):
             assert torch.equal(threshold.cpu(), cpu_threshold) and torch.equal(count.cpu(), cpu_count), (name, k)
 
 
+def _keys16(bits):
+    b = bits.long() & 0xFFFF
+    return torch.where(b & 0x8000 != 0, 0x8000 - (b & 0x7FFF), b | 0x8000)
+
+
+def _value_of_key16(key, dtype):
+    bits = torch.where(key & 0x8000 != 0, key & 0x7FFF, 0x8000 | (0x8000 - key))
+    return bits.to(torch.int32).to(torch.int16).view(dtype).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_count_by_value_matches_keys(dtype):
+    """The one-block-per-row kernel counts a range of keys by comparing values against the values
+    of its ends. Where both ends are normal or infinite, that decides exactly as the keys do for
+    every non-NaN value, whether or not the compare flushes subnormal operands to zero; a range
+    ending at zero would not (so the kernel counts such ranges by key)."""
+    inf_bits = 0x7C00 if dtype == torch.float16 else 0x7F80
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype).float()
+    keep = ~values.isnan()
+    bits, values = bits[keep], values[keep]
+    keys = _keys16(bits)
+    flushed = torch.where(bits.long() & inf_bits == 0, torch.zeros_like(values), values)
+    lowest, highest = int(_keys16(torch.tensor([inf_bits | 0x8000]))), int(_keys16(torch.tensor([inf_bits])))
+    ends = torch.arange(lowest, highest + 1)
+    ends = ends[_value_of_key16(ends, dtype).abs() >= torch.finfo(dtype).tiny]  # normal or infinite
+    gen = torch.Generator().manual_seed(0)
+    pairs = torch.stack([ends[torch.randint(0, len(ends), (400,), generator=gen)] for _ in range(2)], 1).sort(1).values
+    pairs = torch.cat([pairs, torch.tensor([[lowest, highest], [lowest, lowest], [highest, highest]])])
+    for first, last in pairs.tolist():
+        v_first, v_last = _value_of_key16(torch.tensor(first), dtype), _value_of_key16(torch.tensor(last), dtype)
+        for x in (values, flushed):
+            assert torch.equal((x >= v_first) & ~(x > v_last), (keys >= first) & (keys <= last)), (first, last)
+            assert torch.equal(x > v_last, keys > last), (first, last)
+    zero = int(_keys16(torch.tensor([0])))
+    assert not torch.equal((flushed >= 0) & ~(flushed > 0), keys == zero)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_nan_rows_rank_by_key(dtype):
