@@ -239,34 +239,13 @@ __device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo,
   return {above, inside};
 }
 
-// Two 16-bit values compared at once: 0xffff in each half where the comparison holds (false for a
-// NaN), and the halves' maximum that keeps a NaN.
+// Two 16-bit values of T as one operand of the paired compares (__hgt2_mask and the like: 0xffff
+// in each half where the comparison holds, false for a NaN).
 template <typename T>
-__device__ __forceinline__ uint32_t halves_greater(uint32_t a, uint32_t b) {
-  uint32_t d;
-  if constexpr (std::is_same_v<T, __half>)
-    asm("set.gt.u32.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  else
-    asm("set.gt.u32.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
+using ValuePair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
 template <typename T>
-__device__ __forceinline__ uint32_t halves_at_least(uint32_t a, uint32_t b) {
-  uint32_t d;
-  if constexpr (std::is_same_v<T, __half>)
-    asm("set.ge.u32.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  else
-    asm("set.ge.u32.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-template <typename T>
-__device__ __forceinline__ uint32_t halves_max_nan(uint32_t a, uint32_t b) {
-  uint32_t d;
-  if constexpr (std::is_same_v<T, __half>)
-    asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  else
-    asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
+__device__ __forceinline__ ValuePair<T> as_pair(uint32_t word) {
+  return *reinterpret_cast<const ValuePair<T>*>(&word);
 }
 
 // count_range by value instead of by key: a NaN has no place in value order, but apart from NaN
@@ -294,9 +273,10 @@ __device__ __forceinline__ uint3 count_range_by_value(const RowView<T>& row, uin
                                                       unsigned* range_counts, bool packed) {
   constexpr uint32_t kInfBits = ValueRange<T>::kInfBits;
   const ValueRange<T> range(lo, span);
-  const uint32_t hi_pair = key_to_bits16(range.last) * 0x10001u, lo_pair = key_to_bits16(range.first) * 0x10001u;
+  const ValuePair<T> hi_pair = as_pair<T>(key_to_bits16(range.last) * 0x10001u);
+  const ValuePair<T> lo_pair = as_pair<T>(key_to_bits16(range.first) * 0x10001u);
   unsigned above_halves = 0, inside = 0;  // above_halves: 16 per key
-  uint32_t nan_max = 0;  // +0 in both halves
+  ValuePair<T> nan_max = as_pair<T>(0);  // the maximum that keeps a NaN; +0 in both halves
   const uint4* packs = row.pack_ptr();
   for (int base = threadIdx.x; base < row.packs; base += kRowUnroll * kRowThreads) {
     uint4 a[kRowUnroll];
@@ -311,10 +291,11 @@ __device__ __forceinline__ uint3 count_range_by_value(const RowView<T>& row, uin
       uint32_t in[4];
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
-        const uint32_t greater = halves_greater<T>(words[w], hi_pair);
+        const ValuePair<T> pair = as_pair<T>(words[w]);
+        const uint32_t greater = __hgt2_mask(pair, hi_pair);
         above_halves += __popc(greater);
-        in[w] = halves_at_least<T>(words[w], lo_pair) & ~greater;
-        nan_max = halves_max_nan<T>(nan_max, words[w]);
+        in[w] = __hge2_mask(pair, lo_pair) & ~greater;
+        nan_max = __hmax2_nan(nan_max, pair);
       }
       if ((in[0] | in[1] | in[2] | in[3]) == 0) continue;
       // The pack's keys inside the range, one atomic each (see count_range).
@@ -343,7 +324,8 @@ __device__ __forceinline__ uint3 count_range_by_value(const RowView<T>& row, uin
       ++inside;
     }
   });
-  const bool nan = loose_nan || (nan_max & 0x7FFFu) > kInfBits || (nan_max >> 16 & 0x7FFFu) > kInfBits;
+  const uint32_t max_bits = *reinterpret_cast<const uint32_t*>(&nan_max);
+  const bool nan = loose_nan || (max_bits & 0x7FFFu) > kInfBits || (max_bits >> 16 & 0x7FFFu) > kInfBits;
   return {above_halves / 16, inside, nan};
 }
 
