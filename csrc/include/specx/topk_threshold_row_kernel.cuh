@@ -185,6 +185,24 @@ __device__ __forceinline__ void count_key(unsigned* range_counts, uint32_t i, bo
     atomicAdd(&range_counts[i], 1u);
 }
 
+// visit(pack) on each of the row's 16-byte packs, kRowUnroll loads in flight per thread.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_row_pack(const RowView<T>& row, F&& visit) {
+  const uint4* packs = row.pack_ptr();
+  for (int base = threadIdx.x; base < row.packs; base += kRowUnroll * kRowThreads) {
+    uint4 a[kRowUnroll];
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) {
+      if (base + u * kRowThreads < row.packs) a[u] = __ldcs(packs + base + u * kRowThreads);
+    }
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) {
+      if (base + u * kRowThreads >= row.packs) break;
+      visit(a[u]);
+    }
+  }
+}
+
 // One read of the row: keys above [lo, lo + span) counted in the result's x, keys inside it
 // counted per key (count_key) and in the result's y (per thread).
 template <typename T>
@@ -199,42 +217,32 @@ __device__ __forceinline__ uint2 count_range(const RowView<T>& row, uint32_t lo,
       ++inside;
     }
   };
-  const uint4* packs = row.pack_ptr();
-  for (int base = threadIdx.x; base < row.packs; base += kRowUnroll * kRowThreads) {
-    uint4 a[kRowUnroll];
+  for_each_row_pack(row, [&](const uint4& pack) {
+    uint32_t keys[8], hits = 0;
+    const uint32_t words[4] = {pack.x, pack.y, pack.z, pack.w};
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      if (base + u * kRowThreads < row.packs) a[u] = __ldcs(packs + base + u * kRowThreads);
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t pair = key_pair_of(words[w]);
+      keys[2 * w] = pair & 0xFFFFu;
+      keys[2 * w + 1] = pair >> 16;
     }
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      if (base + u * kRowThreads >= row.packs) break;
-      uint32_t keys[8], hits = 0;
-      const uint32_t words[4] = {a[u].x, a[u].y, a[u].z, a[u].w};
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const uint32_t pair = key_pair_of(words[w]);
-        keys[2 * w] = pair & 0xFFFFu;
-        keys[2 * w + 1] = pair >> 16;
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        above += keys[j] >= above_from;
-        hits |= (keys[j] - lo < span ? 1u : 0u) << j;
-      }
-      // The pack's keys inside the range, one atomic each; a few percent of keys, so the loop
-      // runs once or twice per warp where a branch per key would diverge at almost every key.
-      while (hits != 0) {
-        const int j = __ffs(hits) - 1;
-        hits &= hits - 1;
-        uint32_t key = keys[0];
-#pragma unroll
-        for (int q = 1; q < 8; ++q) key = q == j ? keys[q] : key;
-        count_key(range_counts, key - lo, packed);
-        ++inside;
-      }
+    for (int j = 0; j < 8; ++j) {
+      above += keys[j] >= above_from;
+      hits |= (keys[j] - lo < span ? 1u : 0u) << j;
     }
-  }
+    // The pack's keys inside the range, one atomic each; a few percent of keys, so the loop
+    // runs once or twice per warp where a branch per key would diverge at almost every key.
+    while (hits != 0) {
+      const int j = __ffs(hits) - 1;
+      hits &= hits - 1;
+      uint32_t key = keys[0];
+#pragma unroll
+      for (int q = 1; q < 8; ++q) key = q == j ? keys[q] : key;
+      count_key(range_counts, key - lo, packed);
+      ++inside;
+    }
+  });
   row.for_each_loose_key(add);
   return {above, inside};
 }
@@ -277,43 +285,33 @@ __device__ __forceinline__ uint3 count_range_by_value(const RowView<T>& row, uin
   const ValuePair<T> lo_pair = as_pair<T>(key_to_bits16(range.first) * 0x10001u);
   unsigned above_halves = 0, inside = 0;  // above_halves: 16 per key
   ValuePair<T> nan_max = as_pair<T>(0);  // the maximum that keeps a NaN; +0 in both halves
-  const uint4* packs = row.pack_ptr();
-  for (int base = threadIdx.x; base < row.packs; base += kRowUnroll * kRowThreads) {
-    uint4 a[kRowUnroll];
+  for_each_row_pack(row, [&](const uint4& pack) {
+    const uint32_t words[4] = {pack.x, pack.y, pack.z, pack.w};
+    uint32_t in[4];
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      if (base + u * kRowThreads < row.packs) a[u] = __ldcs(packs + base + u * kRowThreads);
+    for (int w = 0; w < 4; ++w) {
+      const ValuePair<T> pair = as_pair<T>(words[w]);
+      const uint32_t greater = __hgt2_mask(pair, hi_pair);
+      above_halves += __popc(greater);
+      in[w] = __hge2_mask(pair, lo_pair) & ~greater;
+      nan_max = __hmax2_nan(nan_max, pair);
     }
+    if ((in[0] | in[1] | in[2] | in[3]) == 0) return;
+    // The pack's keys inside the range, one atomic each (see count_range).
+    uint32_t hits = 0;
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      if (base + u * kRowThreads >= row.packs) break;
-      const uint32_t words[4] = {a[u].x, a[u].y, a[u].z, a[u].w};
-      uint32_t in[4];
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const ValuePair<T> pair = as_pair<T>(words[w]);
-        const uint32_t greater = __hgt2_mask(pair, hi_pair);
-        above_halves += __popc(greater);
-        in[w] = __hge2_mask(pair, lo_pair) & ~greater;
-        nan_max = __hmax2_nan(nan_max, pair);
-      }
-      if ((in[0] | in[1] | in[2] | in[3]) == 0) continue;
-      // The pack's keys inside the range, one atomic each (see count_range).
-      uint32_t hits = 0;
-#pragma unroll
-      for (int w = 0; w < 4; ++w) hits |= ((in[w] & 1u) | (in[w] >> 15 & 2u)) << (2 * w);
-      while (hits != 0) {
-        const int j = __ffs(hits) - 1;
-        hits &= hits - 1;
-        // Selects, not an indexed array (which the compiler would put in local memory).
-        const uint32_t low = j & 2 ? words[1] : words[0], high = j & 2 ? words[3] : words[2];
-        const uint32_t word = j & 4 ? high : low;
-        const uint32_t key = key_pair_of(word) >> (16 * (j & 1)) & 0xFFFFu;
-        count_key(range_counts, key - lo, packed);
-        ++inside;
-      }
+    for (int w = 0; w < 4; ++w) hits |= ((in[w] & 1u) | (in[w] >> 15 & 2u)) << (2 * w);
+    while (hits != 0) {
+      const int j = __ffs(hits) - 1;
+      hits &= hits - 1;
+      // Selects, not an indexed array (which the compiler would put in local memory).
+      const uint32_t low = j & 2 ? words[1] : words[0], high = j & 2 ? words[3] : words[2];
+      const uint32_t word = j & 4 ? high : low;
+      const uint32_t key = key_pair_of(word) >> (16 * (j & 1)) & 0xFFFFu;
+      count_key(range_counts, key - lo, packed);
+      ++inside;
     }
-  }
+  });
   bool loose_nan = false;
   const uint32_t above_from = lo + span;
   row.for_each_loose_key([&](uint32_t key) {
