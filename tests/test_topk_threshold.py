@@ -180,11 +180,20 @@ def test_cuda_nan_rows_rank_by_key(dtype):
     bits[3, 7::2003] = nan
     bits[3, 11::2011] = nan - 0x8000
     x[3, 5] = float("inf")
-    for k in (1, 5, 40, 41, 64, 2000, 20000, 39950, 39999, 40000):
-        threshold, count = torch.ops.specx.topk_threshold(x.cuda(), k)
-        cpu_threshold, cpu_count = torch.ops.specx.topk_threshold(x, k)
-        assert torch.equal(threshold.cpu().view(torch.int16), cpu_threshold.view(torch.int16)), k
-        assert torch.equal(count.cpu(), cpu_count), k
+    # Rows of an odd length start unaligned: NaNs in the elements before the first 16-byte pack and
+    # after the last one.
+    odd = (torch.randn(3, 40003, generator=gen) * 3).to(dtype)
+    odd_bits = odd.view(torch.int16)
+    odd_bits[:, 0] = nan
+    odd_bits[:, -1] = nan - 0x8000
+    odd_bits[1, 1:4] = nan
+    for rows in (x, odd):
+        cols = rows.shape[-1]
+        for k in (1, 5, 40, 41, 64, 2000, 20000, cols - 50, cols - 1, cols):
+            threshold, count = torch.ops.specx.topk_threshold(rows.cuda(), k)
+            cpu_threshold, cpu_count = torch.ops.specx.topk_threshold(rows, k)
+            assert torch.equal(threshold.cpu().view(torch.int16), cpu_threshold.view(torch.int16)), (cols, k)
+            assert torch.equal(count.cpu(), cpu_count), (cols, k)
 
 
 @pytest.mark.parametrize("device", DEVICES)
