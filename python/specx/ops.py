@@ -11,10 +11,41 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["row_weights", "speckd_loss", "speckd_rows", "valid_rows"]
+__all__ = ["eager_speckd_loss", "row_weights", "speckd_loss", "speckd_rows", "valid_rows"]
 
 speckd_rows = torch.ops.specx.speckd_rows
 speckd_loss = torch.ops.specx.speckd_loss
+
+
+def _register_autograd(op, backward, setup_context):
+    """Registers the autograd formula of ``op`` (what ``torch.compile`` and direct
+    ``torch.ops.specx`` callers use) and returns a call of ``op`` with the same formula as a
+    ``torch.autograd.Function`` for the Python API's eager calls: the registered wrapper spends
+    about 90 us per call on a CPU filling in the schema's defaults
+    (``torch._library.utils.fill_defaults``), more than a small loss's kernel takes."""
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+    class EagerFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return op(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def call(*args):
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return op(*args)
+        if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return op(*args)
+        return EagerFunction.apply(*args)
+
+    return call
 
 
 def _leading_shape(logits: Tensor) -> tuple:
@@ -111,8 +142,8 @@ def _speckd_loss_backward(ctx, grad_loss, _grad_row_divergence, _grad_row_accept
     return (grad,) + (None,) * 12
 
 
-torch.library.register_autograd("specx::speckd_loss", _speckd_loss_backward,
-                                setup_context=_speckd_loss_setup_context)
+eager_speckd_loss = _register_autograd(torch.ops.specx.speckd_loss.default, _speckd_loss_backward,
+                                       _speckd_loss_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +204,7 @@ def _compact_kv_fake(k_cache, v_cache, lengths, accepted_nodes, accept_len):
 topk_threshold = torch.ops.specx.topk_threshold
 deepkd_losses = torch.ops.specx.deepkd_losses
 deepkd_sgd_step_ = torch.ops.specx.deepkd_sgd_step_
-__all__ += ["topk_threshold", "deepkd_losses", "deepkd_sgd_step_"]
+__all__ += ["topk_threshold", "deepkd_losses", "deepkd_sgd_step_", "eager_deepkd_losses"]
 
 
 @torch.library.register_fake("specx::topk_threshold")
@@ -241,5 +272,5 @@ def _deepkd_losses_backward(ctx, grad_ce, grad_tckd, grad_nckd, _grad_ce, _grad_
     return (total,) + (None,) * 6
 
 
-torch.library.register_autograd("specx::deepkd_losses", _deepkd_losses_backward,
-                                setup_context=_deepkd_losses_setup_context)
+eager_deepkd_losses = _register_autograd(torch.ops.specx.deepkd_losses.default, _deepkd_losses_backward,
+                                         _deepkd_losses_setup_context)

@@ -9,6 +9,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from specx.ops import eager_deepkd_losses
+
 __all__ = ["deepkd_losses", "dtm_k", "DeepKDOptimizer", "deepkd_train_step"]
 
 
@@ -32,8 +34,8 @@ def deepkd_losses(student_logits: Tensor, teacher_logits: Tensor, target: Tensor
     row's losses NaN; on CPU it raises ``ValueError``.
     """
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    ce, tckd, nckd, *_ = torch.ops.specx.deepkd_losses(student_logits, teacher_logits.detach(), target, k,
-                                                       float(temperature), ignore_index, compute_grad)
+    ce, tckd, nckd, *_ = eager_deepkd_losses(student_logits, teacher_logits.detach(), target, k, float(temperature),
+                                             ignore_index, compute_grad)
     return ce, tckd, nckd
 
 

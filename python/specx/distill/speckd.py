@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from specx.ops import valid_rows
+from specx.ops import eager_speckd_loss, valid_rows
 
 __all__ = ["speckd_loss", "SpecKDLoss", "speckd_stats"]
 
@@ -43,7 +43,7 @@ def speckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor |
     """
     mix = jsd_beta if divergence == "jsd" else skew
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, row_divergence, row_accepted, _ = torch.ops.specx.speckd_loss(
+    loss, row_divergence, row_accepted, _ = eager_speckd_loss(
         student_logits, teacher_logits.detach(), labels, ignore_index, divergence, gate, k,
         reject_weight, temperature, mix, reduction, seed, compute_grad)
     if not return_stats:
