@@ -20,9 +20,9 @@ speckd_loss = torch.ops.specx.speckd_loss
 def _register_autograd(op, backward, setup_context):
     """Registers the autograd formula of ``op`` (what ``torch.compile`` and direct
     ``torch.ops.specx`` callers use) and returns a call of ``op`` with the same formula as a
-    ``torch.autograd.Function`` for the Python API's eager calls: the registered wrapper spends
-    about 90 us per call on a CPU filling in the schema's defaults
-    (``torch._library.utils.fill_defaults``), more than a small loss's kernel takes."""
+    ``torch.autograd.Function`` for the Python API's eager calls: the registered wrapper fills in
+    the schema's defaults on every call (``torch._library.utils.fill_defaults``), tens of
+    microseconds of host time, more than a small loss's kernel takes."""
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
     class EagerFunction(torch.autograd.Function):
