@@ -206,18 +206,18 @@ __device__ __forceinline__ float log_add_exp(float x, float y) {
 }
 
 // A block that keeps its `keep` lowest-index ties with the threshold value thr_value (0 < keep <=
-// its ties): adds the kept ones of N (all but the target) into kept_a / kept_b, and returns the
+// its ties): calls add_kept(i, s) on each kept one (local index, student logit), and returns the
 // local index of the last kept one, in every thread. Warp w's chunk holds its ties in index order
 // after the lower warps' (see WarpChunk): the warps wholly below the cut add all of theirs, and the
 // warp holding it walks its chunk 32 units a round to find the exact place. The ties are counted
 // a pack at a time; only the lanes that hold some look at single elements.
-template <typename T>
-__device__ int keep_lowest_ties(const T* rs, const T* rt, int len, bool vec, T thr_value, unsigned keep, int y_at,
-                                float inv_t, ExpSum& kept_a, ExpSumAcc& kept_b, unsigned* warp_totals, int* found) {
+template <typename T, typename AddKept>
+__device__ int keep_lowest_ties(const T* rs, const T* rt, int len, bool vec, T thr_value, unsigned keep,
+                                AddKept&& add_kept, unsigned* warp_totals, int* found) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const WarpChunk c = warp_chunk<kThreads, T>(len, vec, warp);
   const int units = c.units();
-  const float thr = to_float(thr_value), b_thr = thr * inv_t;
+  const float thr = to_float(thr_value);
   auto ties_in = [&](int u) {
     const int at = c.lo + u * c.unit;
     if (c.unit == Pack<T>::kN && c.hi - at >= c.unit)
@@ -233,9 +233,7 @@ __device__ int keep_lowest_ties(const T* rs, const T* rt, int len, bool vec, T t
     visit_unit(rs, rt, c, u, [&](int i, T sv, T tv) {
       if (left == 0 || !(to_float(tv) == thr)) return;
       if (--left == 0) last = i;
-      if (i == y_at) return;
-      kept_a.add(to_float(sv) * inv_t);
-      kept_b.add(b_thr, thr - to_float(sv));
+      add_kept(i, to_float(sv));
     });
     return last;
   };
@@ -558,6 +556,11 @@ __global__ void __launch_bounds__(kThreads, 3)
     const unsigned keep = remaining <= lower_ties ? 0u : min(ties, remaining - lower_ties);
     ExpSum kept_a = kEmpty;
     ExpSumAcc kept_b = kEmptyAcc;
+    auto add_kept_tie = [&](int i, float s) {  // into K: every kept tie but the target
+      if (i == y_at) return;
+      kept_a.add(s * inv_t);
+      kept_b.add(b_thr, thr - s);
+    };
     if (keep == 0) {
       tie_at = -1;
     } else if (ties <= kTieCapacity) {
@@ -569,18 +572,14 @@ __global__ void __launch_bounds__(kThreads, 3)
           for (unsigned j = 0; j < ties; ++j) lower += ties_listed[j].i < mine.i;
           if (lower == keep - 1) tie_found = mine.i;
         }
-        if (lower < keep && mine.i != y_at) {
-          kept_a.add(mine.s * inv_t);
-          kept_b.add(b_thr, thr - mine.s);
-        }
+        if (lower < keep) add_kept_tie(mine.i, mine.s);
       }
       if (keep < ties) {
         __syncthreads();
         tie_at = tie_found;
       }
     } else {
-      const int last = keep_lowest_ties(rs, rt, len, vec, thr_value, keep, y_at, inv_t, kept_a, kept_b, warp_totals,
-                                        &tie_found);
+      const int last = keep_lowest_ties(rs, rt, len, vec, thr_value, keep, add_kept_tie, warp_totals, &tie_found);
       if (keep < ties) tie_at = last;
     }
     sums.k_a = combine(sums.k_a, kept_a);
