@@ -39,9 +39,8 @@ def _register_autograd(op, backward, setup_context):
             return backward(ctx, *grads)
 
     def call(*args):
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            return op(*args)
-        if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        if torch.compiler.is_compiling() or not (
+                torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
             return op(*args)
         return EagerFunction.apply(*args)
 
